@@ -1,0 +1,1 @@
+"""FLARE: language fusion for parameter-efficient cross-lingual transfer."""

@@ -1,0 +1,40 @@
+"""Test-wide setup: never reach the network, keep the HF cache in a temporary folder, share tiny models."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before transformers/datasets/huggingface_hub are imported by any test module: these libraries read the
+# variables at import time. Without them a hub id retries for ~23 s before failing.
+_HF_HOME = tempfile.mkdtemp(prefix="flare-test-hf-")
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    HF_HOME=_HF_HOME,
+    HF_HUB_DISABLE_TELEMETRY="1",
+    WANDB_DISABLED="true",
+    TOKENIZERS_PARALLELISM="false",
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """Tiny random llama / gemma2 / xlm-roberta / bert / nllb models with working tokenizers (built once)."""
+    from flare.tiny_models import write_tiny_models
+
+    out = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_models(out, data_dir=DATA)
+    return out
