@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "gemma2", "xlm-roberta", "bert", "nllb")
 VOCAB_SIZE = 4000
-WIDTH = 32
+WIDTH = 64  # bitsandbytes CPU 4-bit kernels need in_features >= 64 and out_features % 32 == 0
 LAYERS = 2
 HEADS = 4
 MAX_POSITIONS = 1024

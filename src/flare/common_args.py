@@ -1,0 +1,121 @@
+"""Flags and checks shared by run_task_ft.py and run.py (same names and meanings as the original)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flare.config import MODEL_SPECS, TASKS
+
+
+class UsageError(ValueError):
+    """Bad command-line input, caught before any model is loaded; the message names the fix."""
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="task")
+    p.add_argument("--plm", required=True,
+                   help=f"model key ({', '.join(MODEL_SPECS)}) or a local Hugging Face model directory")
+    p.add_argument("--seed", type=int, required=True, help="random seed (torch, numpy, Trainer)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="token length of inputs; default per task: xnli 128, nusax 128, tydiqa 384 "
+                        "(the original used 128 for every task)")
+    p.add_argument("--lr", type=float, default=2e-5, help="learning rate")
+    p.add_argument("--batch_size", type=int, default=32, help="per-device train and eval batch size")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (used to derive max_steps)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="training steps; default len(train) * epochs // batch_size // gradient_accumulation_steps")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--eval_accumulation_steps", type=int, default=20,
+                   help="accepted for compatibility with the original; evaluation here always moves each batch's "
+                        "predictions to the CPU at once (the most memory-saving setting)")
+    p.add_argument("--generate_max_tokens", type=int, default=100,
+                   help="max new tokens when decoders generate (classification uses at most label length + 2)")
+    p.add_argument("--output_dir", default="checkpoints", help="root of the run directories")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="device (auto: cuda if any)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (4-bit compute dtype bf16)")
+    p.add_argument("--eval_only", action="store_true", help="skip training (with --load_ckpt: evaluate a saved run)")
+    p.add_argument("--optim", default=None,
+                   help="HF optimizer name; default adamw_torch, adamw_bnb_8bit for quantised decoders on a GPU")
+    p.add_argument("--wandb_project", default="flare", help="wandb project (only with --report_to wandb)")
+    p.add_argument("--report_to", default="none", choices=["none", "wandb", "tensorboard"],
+                   help="experiment tracker (never required)")
+    p.add_argument("--adapter", default="lora", help="adapter type; only lora exists")
+    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha (scaling alpha / r)")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout (the original fixed 0.0)")
+    p.add_argument("--target_modules", nargs="+", default=None,
+                   help="LoRA target modules; default from the model table (XLM-R query value; decoders all linear)")
+    p.add_argument("--quantize", default=None, choices=["4bit", "8bit", "none"],
+                   help="bitsandbytes quantisation; default from the model table (4bit for the 8-9B decoders)")
+    p.add_argument("--freeze_lm_head", action="store_true",
+                   help="decoders: keep lm_head frozen (the original trains it: ~0.5-0.9B parameters)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="gradient checkpointing (non-reentrant)")
+    p.add_argument("--data_dir", default=None,
+                   help="local data root in the layout of data/ (default: the Hugging Face hub copies)")
+    p.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--max_eval_samples", type=int, default=None,
+                   help="use only the first N validation and test examples")
+    p.add_argument("--doc_stride", type=int, default=128, help="encoder QA: overlap between context windows")
+    p.add_argument("--max_answer_length", type=int, default=30, help="encoder QA: longest answer in tokens")
+    p.add_argument("--save_total_limit", type=int, default=2, help="Trainer checkpoints kept (best + last)")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="resume training from a checkpoint-* folder, or 'last' for the newest in the run dir")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu (or auto)")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 or AMX); emulated bf16 would be slow and is refused."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_bf16(bf16: bool, device: str) -> None:
+    if not bf16:
+        return
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--bf16: this GPU does not support bf16; drop --bf16")
+    if device == "cpu" and not cpu_has_bf16():
+        raise UsageError("--bf16: this CPU has no native bf16 (avx512_bf16/amx); drop --bf16 to train in fp32")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON via a temporary file and rename: a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,121 @@
+"""The model table (``MODEL_SPECS``) and the task table (``TASKS``): model families and tasks are data.
+
+A new Hugging Face model is one row of ``MODEL_SPECS``; any local model directory works without a row, its family
+coming from ``config.model_type`` (see ``FAMILY_DEFAULTS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DECODER_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the code needs to know about a model family; one row per model key."""
+
+    key: str
+    hub_id: str  # hub id, or the local directory for a --plm path
+    family: str  # encoder | decoder | seq2seq
+    layers: str  # dotted suffix of the transformer layer list ("encoder.layer", "layers", "encoder.layers")
+    lora_targets: tuple[str, ...]  # where the (stage-1 and stage-2) LoRA sits
+    fusion_targets: tuple[str, ...]  # the LoRA projections that receive the source representation (FLARE)
+    quantize: str = "none"  # default quantisation: none | 4bit | 8bit
+    padding_side: str = "right"
+    heads: dict = dataclasses.field(default_factory=dict)  # task kind (cls | qa | lm) -> trainable head modules
+    attn_implementation: str | None = None
+    model_type: str | None = None
+
+    def head_modules(self, kind: str) -> tuple[str, ...]:
+        return tuple(self.heads.get(kind, ()))
+
+
+_ENC_HEADS = {"cls": ("classifier",), "qa": ("qa_outputs",)}
+# BERT's classifier reads the pooler; multilingual-e5 ships without one, so the pooler is trained with the head.
+_BERT_HEADS = {"cls": ("classifier", "pooler"), "qa": ("qa_outputs",)}
+_DEC_HEADS = {"lm": ("lm_head",)}
+
+FAMILY_DEFAULTS: dict[str, dict] = {
+    # model_type -> row template for local model directories
+    "xlm-roberta": dict(family="encoder", layers="encoder.layer", lora_targets=("query", "value"),
+                        fusion_targets=("query", "value"), heads=_ENC_HEADS),
+    "roberta": dict(family="encoder", layers="encoder.layer", lora_targets=("query", "value"),
+                    fusion_targets=("query", "value"), heads=_ENC_HEADS),
+    "bert": dict(family="encoder", layers="encoder.layer", lora_targets=("query", "value"),
+                 fusion_targets=("query", "value"), heads=_BERT_HEADS),
+    "llama": dict(family="decoder", layers="layers", lora_targets=DECODER_LINEAR, fusion_targets=("q_proj", "v_proj"),
+                  padding_side="left", heads=_DEC_HEADS),
+    "mistral": dict(family="decoder", layers="layers", lora_targets=DECODER_LINEAR,
+                    fusion_targets=("q_proj", "v_proj"), padding_side="left", heads=_DEC_HEADS),
+    "qwen2": dict(family="decoder", layers="layers", lora_targets=DECODER_LINEAR, fusion_targets=("q_proj", "v_proj"),
+                  padding_side="left", heads=_DEC_HEADS),
+    "gemma2": dict(family="decoder", layers="layers", lora_targets=DECODER_LINEAR,
+                   fusion_targets=("q_proj", "v_proj"), padding_side="left", heads=_DEC_HEADS,
+                   attn_implementation="eager"),
+    "m2m_100": dict(family="seq2seq", layers="encoder.layers", lora_targets=("q_proj", "v_proj"),
+                    fusion_targets=()),
+}
+
+
+def _row(key: str, hub_id: str, model_type: str, **overrides) -> ModelSpec:
+    return ModelSpec(key=key, hub_id=hub_id, model_type=model_type, **{**FAMILY_DEFAULTS[model_type], **overrides})
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in (
+        _row("xlmr", "FacebookAI/xlm-roberta-base", "xlm-roberta"),
+        _row("xlmr-large", "FacebookAI/xlm-roberta-large", "xlm-roberta"),
+        _row("llama3.1-8b", "meta-llama/Llama-3.1-8B", "llama", quantize="4bit"),
+        _row("gemma2-9b", "google/gemma-2-9b", "gemma2", quantize="4bit"),
+        _row("nllb-600m", "facebook/nllb-200-distilled-600M", "m2m_100"),
+        _row("nllb-3.3b", "facebook/nllb-200-3.3B", "m2m_100"),
+    )
+}
+
+
+def resolve_model(plm: str) -> ModelSpec:
+    """Spec for a model key of ``MODEL_SPECS`` or a local Hugging Face model directory."""
+    if plm in MODEL_SPECS:
+        return MODEL_SPECS[plm]
+    path = Path(plm)
+    if not path.exists():
+        raise ValueError(f"unknown --plm {plm!r}: not a model key ({', '.join(MODEL_SPECS)}) nor an existing "
+                         f"local model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"--plm {plm}: directory has no config.json; point --plm at a Hugging Face model folder "
+                         "(save_pretrained output) or use a model key")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in FAMILY_DEFAULTS:
+        raise ValueError(f"--plm {plm}: model_type {model_type!r} is not known; known model types: "
+                         f"{', '.join(sorted(FAMILY_DEFAULTS))} (add a row to FAMILY_DEFAULTS in flare/config.py)")
+    return _row(model_name(plm), str(path), model_type)
+
+
+def model_name(plm: str) -> str:
+    """Name used in run directories: the key, or a local directory's base name."""
+    return plm if plm in MODEL_SPECS else Path(plm).resolve().name
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    kind: str  # cls | qa
+    labels: tuple[str, ...]  # verbalizer words (cls); empty for qa
+    max_length: int  # default token length (see README for why and how to get the original's 128)
+    best_metric: str  # metric for best-checkpoint selection
+    text_fields: tuple[str, ...]  # fields that get translated / fed to the model
+    truncate_field: str  # the long field that is cut when a prompt does not fit
+
+
+TASKS: dict[str, TaskInfo] = {
+    "xnli": TaskInfo("xnli", "cls", ("entailment", "neutral", "contradiction"), 128, "accuracy",
+                     ("premise", "hypothesis"), "premise"),
+    "nusax": TaskInfo("nusax", "cls", ("negative", "neutral", "positive"), 128, "f1", ("text",), "text"),
+    "tydiqa": TaskInfo("tydiqa", "qa", (), 384, "f1", ("context", "question"), "context"),
+}

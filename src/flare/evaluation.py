@@ -1,0 +1,148 @@
+"""Prediction and scoring for every task x model family, shared by stage 1 and stage 2.
+
+An :class:`Evaluator` owns one evaluation set: the raw examples (for gold answers and QA post-processing) and
+their model features. ``predict(model)`` runs the model (argmax, QA spans or greedy generation) and returns one
+prediction per example; ``score(predictions)`` gives the metrics; ``records(predictions)`` the JSONL lines.
+
+``batch_context`` lets stage 2 wrap every model call (e.g. to set the fusion source for the batch); stage 1 passes
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flare import qa
+from flare.config import TASKS, ModelSpec
+from flare.data.features import PadCollator, decoder_features, encoder_cls_features
+from flare.metrics import classification_metrics, qa_metrics
+from flare.prompts import parse_answer, parse_label
+
+logger = logging.getLogger(__name__)
+
+BatchContext = Callable[[dict], contextlib.AbstractContextManager]
+
+
+def _no_context(batch: dict) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+class Evaluator:
+    def __init__(self, task: str, spec: ModelSpec, tokenizer, examples: datasets.Dataset, max_length: int,
+                 batch_size: int = 32, doc_stride: int = 128, max_answer_length: int = 30,
+                 generate_max_tokens: int = 100, features: datasets.Dataset | None = None,
+                 batch_context: BatchContext | None = None):
+        self.task, self.info, self.spec, self.tokenizer = task, TASKS[task], spec, tokenizer
+        self.examples, self.max_length, self.batch_size = examples, max_length, batch_size
+        self.doc_stride, self.max_answer_length = doc_stride, max_answer_length
+        self.batch_context = batch_context or _no_context
+        if self.info.kind == "cls":
+            # room for the longest label word and EOS; longer generations cannot change the parsed label
+            longest = max(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in self.info.labels)
+            self.max_new_tokens = min(generate_max_tokens, longest + 2)
+        else:
+            self.max_new_tokens = generate_max_tokens
+        self.features = features if features is not None else self.build_features(examples)
+
+    # ------------------------------------------------------------------ features
+    def build_features(self, examples: datasets.Dataset) -> datasets.Dataset:
+        tok, task, ml = self.tokenizer, self.task, self.max_length
+        if self.spec.family == "decoder":
+            fn = lambda b: decoder_features(b, task, tok, ml, train=False)  # noqa: E731
+        elif self.info.kind == "cls":
+            fn = lambda b: encoder_cls_features(b, task, tok, ml)  # noqa: E731
+        else:
+            fn = lambda b: qa.prepare_eval_features(b, tok, ml, self.doc_stride)  # noqa: E731
+        return examples.map(fn, batched=True, remove_columns=examples.column_names, desc="eval features")
+
+    def model_inputs(self) -> tuple[str, ...]:
+        return tuple(k for k in ("input_ids", "attention_mask", "token_type_ids") if k in self.features.column_names)
+
+    def batches(self, columns: tuple[str, ...] | None = None):
+        columns = columns or self.model_inputs()
+        collate = PadCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side, keep=columns)
+        for start in range(0, len(self.features), self.batch_size):
+            rows = self.features.select(range(start, min(start + self.batch_size, len(self.features))))
+            yield collate([{c: r[c] for c in columns} for r in rows])
+
+    # ------------------------------------------------------------------ predict
+    @torch.no_grad()
+    def predict(self, model) -> list:
+        was_training = model.training
+        model.eval()
+        try:
+            if self.spec.family == "decoder":
+                return self._generate(model)
+            if self.info.kind == "cls":
+                return self._classify(model)
+            return self._extract(model)
+        finally:
+            model.train(was_training)
+
+    def _device(self, model) -> torch.device:
+        return next(p.device for p in model.parameters())
+
+    def _classify(self, model) -> list[int]:
+        device, preds = self._device(model), []
+        for batch in tqdm(self.batches(), desc="eval", leave=False, total=self._n_batches()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with self.batch_context(batch):
+                logits = model(**batch).logits
+            preds += logits.argmax(-1).tolist()
+        return preds
+
+    def _extract(self, model) -> list[str]:
+        device, starts, ends = self._device(model), [], []
+        for batch in tqdm(self.batches(), desc="eval", leave=False, total=self._n_batches()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with self.batch_context(batch):
+                out = model(**batch)
+            width = self.max_length
+            for logits, sink in ((out.start_logits, starts), (out.end_logits, ends)):
+                padded = torch.full((logits.shape[0], width), -1e9, dtype=torch.float32)
+                padded[:, : logits.shape[1]] = logits.float().cpu()
+                sink.append(padded.numpy())
+        by_id = qa.postprocess_predictions(self.examples, self.features, np.concatenate(starts),
+                                           np.concatenate(ends), max_answer_length=self.max_answer_length)
+        return [by_id[i] for i in self.examples["id"]]
+
+    def _generate(self, model) -> list:
+        device, outputs = self._device(model), []
+        tok = self.tokenizer
+        for batch in tqdm(self.batches(), desc="generate", leave=False, total=self._n_batches()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with self.batch_context(batch):
+                generated = model.generate(
+                    **batch, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                )
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
+            outputs += tok.batch_decode(new_tokens, skip_special_tokens=True)
+        if self.info.kind == "cls":
+            return [parse_label(text, self.info.labels) for text in outputs]
+        return [parse_answer(text) for text in outputs]
+
+    def _n_batches(self) -> int:
+        return (len(self.features) + self.batch_size - 1) // self.batch_size
+
+    # ------------------------------------------------------------------ score
+    def golds(self) -> list:
+        if self.info.kind == "cls":
+            return list(self.examples["label"])
+        return [list(a["text"]) for a in self.examples["answers"]]
+
+    def score(self, predictions: list) -> dict[str, float]:
+        if self.info.kind == "cls":
+            return classification_metrics(predictions, self.golds(), len(self.info.labels))
+        return qa_metrics(predictions, self.golds())
+
+    def records(self, predictions: list) -> list[dict]:
+        ids = self.examples["id"] if "id" in self.examples.column_names else range(len(self.examples))
+        return [{"id": str(i), "prediction": p, "gold": g} for i, p, g in zip(ids, predictions, self.golds())]

@@ -1,0 +1,1 @@
+"""Model loading (quantisation, LoRA, task heads), checkpoint verification and FLARE fusion."""

@@ -1,0 +1,155 @@
+"""Load tokenizers and models for a :class:`~flare.config.ModelSpec`, add LoRA, save and verifiably reload it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from safetensors.torch import load_file
+
+from flare.config import TASKS, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+# reserved tokens that serve as pad without resizing the embeddings (Llama 3.x ships several)
+_RESERVED_PAD = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>")
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or belongs to another task or model."""
+
+
+def task_kind(spec: ModelSpec, task: str) -> str:
+    """Which head a model needs: ``lm`` for decoders (all tasks generate), else the task's ``cls`` / ``qa``."""
+    return "lm" if spec.family == "decoder" else TASKS[task].kind
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec.hub_id, padding_side=spec.padding_side)
+    if tok.pad_token is None:
+        vocab = tok.get_vocab()
+        reserved = next((t for t in _RESERVED_PAD if t in vocab), None)
+        # labels are built explicitly (-100 on prompt and padding), so EOS can safely double as pad
+        tok.pad_token = reserved or tok.eos_token
+        logger.info("tokenizer has no pad token: using %r (no embedding resize)", tok.pad_token)
+    return tok
+
+
+def bnb_config(spec: ModelSpec, kind: str, quantize: str, compute_dtype: torch.dtype):
+    if quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(spec.head_modules(kind)) if spec.family == "encoder" else None  # heads stay in full precision
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_use_double_quant=False, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: bool,
+               gradient_checkpointing: bool = False):
+    """The pretrained model with its task head (random for encoders), quantised if asked, on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    kind = task_kind(spec, task)
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    kwargs: dict = {}
+    quant = bnb_config(spec, kind, quantize, compute_dtype)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device},
+                      dtype=torch.bfloat16 if bf16 else torch.float32)
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if kind == "lm":
+        model = AutoModelForCausalLM.from_pretrained(spec.hub_id, **kwargs)
+    elif kind == "cls":
+        labels = TASKS[task].labels
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec.hub_id, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={w: i for i, w in enumerate(labels)}, **kwargs)
+    else:
+        model = AutoModelForQuestionAnswering.from_pretrained(spec.hub_id, **kwargs)
+    if quant is None:
+        model.to(device)
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def lora_config(spec: ModelSpec, task: str, *, r: int, alpha: int, dropout: float,
+                target_modules: tuple[str, ...] | None, freeze_head: bool) -> LoraConfig:
+    kind = task_kind(spec, task)
+    task_type = {"lm": "CAUSAL_LM", "cls": "SEQ_CLS", "qa": "QUESTION_ANS"}[kind]
+    heads = [] if freeze_head else list(spec.head_modules(kind))
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(target_modules or spec.lora_targets),
+                      modules_to_save=heads or None, task_type=task_type,
+                      # Gemma ties lm_head to the input embedding: train them as one matrix, as the original did
+                      ensure_weight_tying=bool(heads) and kind == "lm")
+
+
+def add_lora(model, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    if not config.modules_to_save and config.task_type == "SEQ_CLS":
+        logger.warning("the classifier head is frozen")
+    return peft_model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(param_total, param_train); 4-bit weights count as their unpacked size."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def save_adapter(model: PeftModel, out_dir: Path) -> None:
+    """Adapter + head weights in safetensors (never the, possibly 4-bit, base model)."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load_checked(base_model, ckpt_dir: str | Path, *, is_trainable: bool, adapter_name: str = "default") -> PeftModel:
+    """Load a saved adapter (+ head) onto ``base_model`` and PROVE it loaded: every adapter/head tensor the model
+    expects must be in the file and equal to it afterwards. Missing weights are an error, not a warning."""
+    ckpt_dir = Path(ckpt_dir)
+    weights = ckpt_dir / ADAPTER_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no {ADAPTER_FILE}; pass a run directory written by run_task_ft.py")
+    try:
+        model = PeftModel.from_pretrained(base_model, ckpt_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+    except KeyError as e:  # peft's own message for a missing modules_to_save tensor is a bare key
+        raise CheckpointError(f"{weights}: adapter/head weights missing from the checkpoint, e.g. {e}") from e
+    saved = load_file(str(weights))
+    current = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    missing = sorted(set(current) - set(saved))
+    if missing:
+        raise CheckpointError(f"{weights}: {len(missing)} adapter/head weights missing from the checkpoint, "
+                              f"e.g. {missing[:3]}")
+    differ = [k for k, v in current.items() if not torch.equal(v.detach().cpu().to(saved[k].dtype), saved[k])]
+    if differ:
+        raise CheckpointError(f"{weights}: {len(differ)} weights did not load into the model, e.g. {differ[:3]}")
+    logger.info("loaded %d adapter/head tensors from %s (verified)", len(saved), weights)
+    return model
+
+
+def read_run_config(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / "run_config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no run_config.json; --load_ckpt must be a run directory of run_task_ft.py")
+    return json.loads(path.read_text())

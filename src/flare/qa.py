@@ -1,0 +1,92 @@
+"""Extractive QA for encoders: features with doc stride and offset mapping, and n-best post-processing.
+
+Post-processing is a pure function of the logits and the features, like transformers' ``utils_qa.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+
+def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
+    """Tokenise question + context windows; label each window with the first gold answer's token span (or CLS)."""
+    pad_right = tokenizer.padding_side == "right"
+    enc = tokenizer(
+        examples["question" if pad_right else "context"], examples["context" if pad_right else "question"],
+        truncation="only_second" if pad_right else "only_first", max_length=max_length, stride=doc_stride,
+        return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
+    )
+    sample_map = enc.pop("overflow_to_sample_mapping")
+    offsets_all = enc.pop("offset_mapping")
+    enc["start_positions"], enc["end_positions"] = [], []
+    for i, offsets in enumerate(offsets_all):
+        input_ids = enc["input_ids"][i]
+        cls_index = input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
+        seq_ids = enc.sequence_ids(i)
+        answers = examples["answers"][sample_map[i]]
+        start_char = answers["answer_start"][0]
+        end_char = start_char + len(answers["text"][0])
+        ctx_id = 1 if pad_right else 0
+        tok_start = next(k for k, s in enumerate(seq_ids) if s == ctx_id)
+        tok_end = len(seq_ids) - 1 - next(k for k, s in enumerate(reversed(seq_ids)) if s == ctx_id)
+        if not (offsets[tok_start][0] <= start_char and offsets[tok_end][1] >= end_char):
+            enc["start_positions"].append(cls_index)  # the answer is not in this window
+            enc["end_positions"].append(cls_index)
+            continue
+        while tok_start < len(offsets) and seq_ids[tok_start] == ctx_id and offsets[tok_start][0] <= start_char:
+            tok_start += 1
+        while seq_ids[tok_end] == ctx_id and offsets[tok_end][1] >= end_char:
+            tok_end -= 1
+        enc["start_positions"].append(tok_start - 1)
+        enc["end_positions"].append(tok_end + 1)
+    return enc
+
+
+def prepare_eval_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
+    """Like :func:`prepare_train_features` but keeps ``example_id`` and context-only offsets for post-processing."""
+    pad_right = tokenizer.padding_side == "right"
+    enc = tokenizer(
+        examples["question" if pad_right else "context"], examples["context" if pad_right else "question"],
+        truncation="only_second" if pad_right else "only_first", max_length=max_length, stride=doc_stride,
+        return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
+    )
+    sample_map = enc.pop("overflow_to_sample_mapping")
+    ctx_id = 1 if pad_right else 0
+    enc["example_id"] = []
+    for i in range(len(enc["input_ids"])):
+        seq_ids = enc.sequence_ids(i)
+        enc["example_id"].append(examples["id"][sample_map[i]])
+        offsets = enc["offset_mapping"][i]
+        enc["offset_mapping"][i] = [o if seq_ids[k] == ctx_id else None for k, o in enumerate(offsets)]
+    return enc
+
+
+def postprocess_predictions(examples, features, start_logits: np.ndarray, end_logits: np.ndarray,
+                            n_best: int = 20, max_answer_length: int = 30) -> dict[str, str]:
+    """Best answer TEXT per example id: the highest start+end logit span over all its windows.
+
+    ``start_logits``/``end_logits``: (n_features, seq_len) arrays (padded positions may hold anything; they have
+    no offsets and are never chosen). Spans must lie in the context, have end >= start and at most
+    ``max_answer_length`` tokens. An example with no valid span gets the empty string.
+    """
+    features_per_example = collections.defaultdict(list)
+    for i, example_id in enumerate(features["example_id"]):
+        features_per_example[example_id].append(i)
+    predictions: dict[str, str] = {}
+    for example in examples:
+        context, best_score, best_text = example["context"], -np.inf, ""
+        for fi in features_per_example[example["id"]]:
+            offsets = features["offset_mapping"][fi]
+            n = len(offsets)
+            s_log, e_log = start_logits[fi][:n], end_logits[fi][:n]
+            for s in np.argsort(s_log)[::-1][:n_best]:
+                for e in np.argsort(e_log)[::-1][:n_best]:
+                    if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_answer_length:
+                        continue
+                    score = s_log[s] + e_log[e]
+                    if score > best_score:
+                        best_score, best_text = score, context[offsets[s][0]:offsets[e][1]]
+        predictions[example["id"]] = best_text
+    return predictions

@@ -1,0 +1,222 @@
+"""run_task_ft.py end to end on tiny models and the real shipped data; reproducibility; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from flare import common_args, stage1
+from flare.models.loading import CheckpointError
+
+FAST = ["--data_dir", "data", "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "2",
+        "--batch_size", "8", "--lr", "1e-3", "--seed", "3"]
+
+
+def run(tmp_path, tiny_models, family, task, *extra):
+    out = tmp_path / "ck"
+    argv = ["--task", task, "--plm", str(tiny_models / family), "--output_dir", str(out), *FAST, *extra]
+    if task == "xnli":
+        argv += ["--train_split", "validation"]  # no local English XNLI train split
+    if task == "tydiqa":
+        argv += ["--max_length", "192", "--doc_stride", "64", "--generate_max_tokens", "6"]
+    assert stage1.main(argv) == 0
+    lang = "en"
+    run_dir = out / f"{task}-{lang}-{family}-3"
+    return run_dir, json.loads((run_dir / "results_test.json").read_text())
+
+
+METRICS = {"xnli": ["test_accuracy"], "nusax": ["test_accuracy", "test_f1"], "tydiqa": ["test_exact_match", "test_f1"]}
+
+
+@pytest.mark.parametrize("family,task,extra", [
+    ("llama", "xnli", ["--quantize", "4bit"]),          # the QLoRA path, for real, on the CPU
+    ("llama", "tydiqa", []),
+    ("gemma2", "nusax", ["--gradient_checkpointing"]),
+    ("gemma2", "tydiqa", []),
+    ("xlm-roberta", "xnli", []),
+    ("xlm-roberta", "nusax", []),
+    ("xlm-roberta", "tydiqa", []),
+    ("bert", "nusax", []),
+])
+def test_run_directory(tmp_path, tiny_models, family, task, extra):
+    run_dir, res = run(tmp_path, tiny_models, family, task, *extra)
+    for key in METRICS[task]:
+        assert 0.0 <= res[key] <= 1.0
+    assert not any(k.startswith("test_test_") for k in res)
+    assert res["param_total"] > res["param_train"] > 0
+    assert res["run_name"] == f"{task}-en-{family}-3" and res["args"]["task"] == task
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "run_config.json", "results_test.json",
+            "predictions_test.jsonl"} <= files
+    assert not any(name.endswith(".bin") for name in files)
+    preds = [json.loads(line) for line in (run_dir / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(preds) == res["n_test"] == 8 and set(preds[0]) == {"id", "prediction", "gold"}
+    saved = load_file(str(run_dir / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in saved)
+    head = {"llama": "lm_head", "gemma2": "lm_head", "xlm-roberta": "qa_outputs" if task == "tydiqa" else "classifier",
+            "bert": "pooler"}[family]
+    assert any(head in k for k in saved), f"{head} weights not saved"
+    if "--quantize" in extra:
+        assert res["quantize"] == "4bit"
+        assert sum(v.numel() for v in saved.values()) < res["param_total"] / 2  # never the base model
+
+
+def test_same_seed_same_metrics_and_eval_only_reproduces(tmp_path, tiny_models):
+    run_a, res_a = run(tmp_path / "a", tiny_models, "xlm-roberta", "nusax")
+    _, res_b = run(tmp_path / "b", tiny_models, "xlm-roberta", "nusax")
+    keys = ["test_accuracy", "test_f1", "train_loss"]
+    assert [res_a[k] for k in keys] == [res_b[k] for k in keys]
+    # evaluate the saved checkpoint: identical test metrics and predictions
+    preds_before = (run_a / "predictions_test.jsonl").read_text()
+    argv = ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"), "--output_dir", str(run_a.parent),
+            "--eval_only", "--load_ckpt", str(run_a), *FAST]
+    assert stage1.main(argv) == 0
+    res_c = json.loads((run_a / "results_test.json").read_text())
+    assert [res_c[k] for k in ("test_accuracy", "test_f1")] == [res_a[k] for k in ("test_accuracy", "test_f1")]
+    assert (run_a / "predictions_test.jsonl").read_text() == preds_before
+
+
+def test_decoder_eval_only_reproduces(tmp_path, tiny_models):
+    run_dir, res = run(tmp_path, tiny_models, "gemma2", "nusax")
+    argv = ["--task", "nusax", "--plm", str(tiny_models / "gemma2"), "--output_dir", str(run_dir.parent),
+            "--eval_only", "--load_ckpt", str(run_dir), *FAST]
+    assert stage1.main(argv) == 0
+    again = json.loads((run_dir / "results_test.json").read_text())
+    assert (again["test_accuracy"], again["test_unparseable"]) == (res["test_accuracy"], res["test_unparseable"])
+
+
+def test_incomplete_checkpoint_is_an_error(tmp_path, tiny_models):
+    run_dir, _ = run(tmp_path, tiny_models, "xlm-roberta", "nusax")
+    weights = load_file(str(run_dir / "adapter_model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "classifier" not in k}, str(run_dir / "adapter_model.safetensors"))
+    argv = ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"), "--output_dir", str(tmp_path / "x"),
+            "--eval_only", "--load_ckpt", str(run_dir), *FAST]
+    with pytest.raises(CheckpointError, match="weights missing from the checkpoint"):
+        stage1.run(stage1.resolve_config(stage1.build_parser().parse_args(argv)))
+
+
+def test_freeze_lm_head_trains_far_fewer_parameters(tmp_path, tiny_models):
+    _, full = run(tmp_path / "a", tiny_models, "llama", "nusax")
+    _, frozen = run(tmp_path / "b", tiny_models, "llama", "nusax", "--freeze_lm_head")
+    assert frozen["param_train"] < full["param_train"] / 2
+
+
+# ---------------------------------------------------------------- bad input: fails before loading, writes nothing
+def _bad(tmp_path, capsys, argv):
+    out = tmp_path / "out"
+    code = stage1.main([*argv, "--output_dir", str(out), "--seed", "1", "--data_dir", "data"])
+    assert code != 0 and not out.exists()
+    return capsys.readouterr().err
+
+
+def test_unknown_task(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        stage1.main(["--task", "squad", "--plm", "xlmr", "--seed", "1"])
+    assert e.value.code == 2 and "invalid choice: 'squad'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "nusax", "--plm", "gpt-17"], "unknown --plm 'gpt-17': not a model key (xlmr, xlmr-large"),
+    (["--task", "nusax", "--plm", "xlmr", "--lang", "klingon"], "unknown language 'klingon'"),
+    (["--task", "xnli", "--plm", "xlmr", "--lang", "jav"], "task 'xnli' has no language 'jav'"),
+    (["--task", "nusax", "--plm", "xlmr", "--adapter", "prefix"], "--adapter 'prefix' is not supported"),
+    (["--task", "nusax", "--plm", "nllb-600m"], "is a translation model; use it with run_translate.py"),
+    (["--task", "nusax", "--plm", "xlmr", "--device", "cuda"], "no CUDA GPU is visible"),
+])
+def test_bad_input(tmp_path, capsys, argv, message):
+    assert message in _bad(tmp_path, capsys, argv)
+
+
+def test_plm_dir_without_config(tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
+    err = _bad(tmp_path, capsys, ["--task", "nusax", "--plm", str(tmp_path / "empty-model")])
+    assert "directory has no config.json" in err
+
+
+def test_unknown_model_type(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "gpt_neox"}')
+    err = _bad(tmp_path, capsys, ["--task", "nusax", "--plm", str(tmp_path / "m")])
+    assert "model_type 'gpt_neox' is not known; known model types: bert, gemma2, llama" in err
+
+
+def test_bf16_on_a_cpu_without_bf16(tmp_path, capsys, monkeypatch, tiny_models):
+    monkeypatch.setattr(common_args, "cpu_has_bf16", lambda: False)
+    err = _bad(tmp_path, capsys, ["--task", "nusax", "--plm", str(tiny_models / "bert"), "--device", "cpu", "--bf16"])
+    assert "this CPU has no native bf16" in err and "drop --bf16" in err
+
+
+def test_quantised_encoder_with_unknown_head(tmp_path, capsys, monkeypatch, tiny_models):
+    import dataclasses
+
+    from flare import config
+
+    real = config.resolve_model
+
+    def headless(plm):
+        return dataclasses.replace(real(plm), heads={})
+
+    monkeypatch.setattr(stage1, "resolve_model", headless)
+    err = _bad(tmp_path, capsys, ["--task", "nusax", "--plm", str(tiny_models / "bert"), "--quantize", "4bit"])
+    assert "head of" in err and "use --quantize none" in err
+
+
+def test_load_ckpt_of_another_task(tmp_path, capsys, tiny_models):
+    run_dir, _ = run(tmp_path, tiny_models, "xlm-roberta", "nusax")
+    err = _bad(tmp_path, capsys, ["--task", "xnli", "--train_split", "validation", "--plm",
+                                  str(tiny_models / "xlm-roberta"), "--load_ckpt", str(run_dir)])
+    assert "was trained for task 'nusax'" in err
+
+
+def test_missing_local_train_split_writes_nothing(tmp_path, capsys, tiny_models):
+    err = _bad(tmp_path, capsys, ["--task", "xnli", "--plm", str(tiny_models / "xlm-roberta")])
+    assert "--train_split validation" in err
+
+
+def test_train_task_ft_sh_with_overrides(tmp_path, tiny_models):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TASK": "nusax", "PLM": str(tiny_models / "xlm-roberta"), "SEED": "7", "BF16": "0",
+           "DATA_DIR": "data", "OUTPUT_DIR": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "train_task_ft.sh", "--max_train_samples", "8", "--max_eval_samples", "4",
+                           "--max_steps", "1"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "nusax-en-xlm-roberta-7" / "results_test.json").is_file()
+
+
+def test_generation_is_greedy_even_if_the_model_config_samples(tiny_models, data_dir):
+    """The original evaluated Llama 3.1 with its hub generation config (do_sample=True, T=0.6)."""
+    from flare.config import resolve_model
+    from flare.data import load_task
+    from flare.evaluation import Evaluator
+    from flare.models.loading import load_model, load_tokenizer
+
+    spec = resolve_model(str(tiny_models / "llama"))
+    tok = load_tokenizer(spec)
+    model = load_model(spec, "nusax", quantize="none", device="cpu", bf16=False)
+    model.generation_config.do_sample, model.generation_config.temperature = True, 5.0
+    ev = Evaluator("nusax", spec, tok, load_task("nusax", "jav", "test", data_dir).select(range(6)), 64,
+                   generate_max_tokens=5)
+    outs = [ev._generate(model) for _ in range(3)]
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_missing_pad_token_uses_a_reserved_or_eos_token_without_resizing(tmp_path, tiny_models):
+    from transformers import AutoTokenizer
+
+    from flare.config import resolve_model
+    from flare.models.loading import load_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "llama")
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text((tiny_models / "llama" / "config.json").read_text())
+    loaded = load_tokenizer(resolve_model(str(tmp_path / "m")))
+    assert loaded.pad_token == loaded.eos_token and len(loaded) == len(tok)
