@@ -220,3 +220,16 @@ def test_missing_pad_token_uses_a_reserved_or_eos_token_without_resizing(tmp_pat
     (tmp_path / "m" / "config.json").write_text((tiny_models / "llama" / "config.json").read_text())
     loaded = load_tokenizer(resolve_model(str(tmp_path / "m")))
     assert loaded.pad_token == loaded.eos_token and len(loaded) == len(tok)
+
+
+def test_lora_dropout_flag_and_one_compute_dtype_rule(tiny_models):
+    import torch
+
+    from flare.config import resolve_model
+    from flare.models.loading import bnb_config, lora_config
+
+    spec = resolve_model(str(tiny_models / "llama"))
+    assert lora_config(spec, "xnli", r=8, alpha=16, dropout=0.1, target_modules=None,
+                       freeze_head=False).lora_dropout == 0.1
+    assert bnb_config(spec, "lm", "4bit", torch.bfloat16).bnb_4bit_compute_dtype == torch.bfloat16
+    assert bnb_config(spec, "lm", "4bit", torch.float32).bnb_4bit_compute_dtype == torch.float32

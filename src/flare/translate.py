@@ -1,0 +1,369 @@
+"""Machine translation of task data (NLLB or a human-parallel reference) with QA answer-span projection.
+
+Output, as ``run.py`` reads it: ``{output_dir}/{task}/translate-{tgt}-{model}/{split}_{src}-{tgt}.parquet`` with all
+original columns, ``{field}_translated`` per translated field and ``language`` (= the source language), plus
+``meta.json`` beside the files.
+
+Speed: every unique string is translated once, strings are sorted by length into batches with dynamic padding, and
+the results are put back into input order; ``torch.inference_mode``, bf16 on GPU with ``--bf16``.
+Reliability: the unique strings are translated in fixed chunks, each saved atomically under ``.partial/``; a killed
+run resumes from the finished chunks and ends with the same file as an uninterrupted run. Final files appear
+atomically (write, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import pandas as pd
+
+from flare.config import resolve_model
+from flare.data import load_task
+from flare.languages import nllb_code, resolve
+
+logger = logging.getLogger(__name__)
+
+FIELDS = {"xnli": ("premise", "hypothesis"), "nusax": ("text",), "tydiqa": ("context", "question")}
+SPLITS = {"xnli": ("train", "validation", "test"), "nusax": ("train", "validation", "test"),
+          "tydiqa": ("train", "test")}
+SPLIT_FILE = {"train": "train", "validation": "val", "test": "test"}  # the original's file names
+MARK = '"'  # answer marker for span projection (the original's choice); removed from every QA text first
+CHUNK = 256  # unique strings per resumable chunk
+TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model", "spm.model")
+
+
+class TranslationError(ValueError):
+    """Bad translation input (language, model, data); the message names the fix."""
+
+
+def output_path(output_dir: str | Path, task: str, split: str, src: str, tgt: str, model_name: str) -> Path:
+    return Path(output_dir) / task / f"translate-{tgt}-{model_name}" / f"{SPLIT_FILE[split]}_{src}-{tgt}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def plan_batches(texts: list[str], batch_size: int, length: Callable[[str], int] = len) -> tuple[list[str], list]:
+    """Unique non-empty strings sorted by length (longest first), and batches of indices into that list.
+
+    The caller translates ``unique`` batch by batch and maps results back with a dict: input order is restored
+    whatever the batch order.
+    """
+    unique = sorted({t for t in texts if t.strip()}, key=lambda t: (-length(t), t))
+    batches = [list(range(i, min(i + batch_size, len(unique)))) for i in range(0, len(unique), batch_size)]
+    return unique, batches
+
+
+@dataclass
+class Stats:
+    strings: int = 0
+    unique: int = 0
+    empty: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    chunks_resumed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class NLLBTranslator:
+    """An NLLB (M2M100-architecture) model: hub key, hub id or local directory."""
+
+    def __init__(self, model: str, *, device: str = "cpu", max_length: int = 256, batch_size: int = 64,
+                 num_beams: int = 1, bf16: bool = False):
+        import torch
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        try:
+            spec = resolve_model(model)
+        except ValueError as e:
+            raise TranslationError(str(e)) from e
+        if spec.family != "seq2seq":
+            raise TranslationError(f"--model {model} is a {spec.family} model; translation needs an NLLB/M2M100 "
+                                   "seq2seq model (nllb-600m, nllb-3.3b, a local m2m_100 directory) or 'reference'")
+        hint = "the model directory needs its tokenizer files (tokenizer.json / sentencepiece.bpe.model)"
+        local = Path(spec.hub_id)
+        if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+            raise TranslationError(f"--model {model}: could not load its tokenizer: {hint}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(spec.hub_id)
+        except (OSError, ValueError, TypeError) as e:
+            raise TranslationError(f"--model {model}: could not load its tokenizer ({e}); {hint}") from e
+        probe = self.tokenizer("Hello world", add_special_tokens=False)["input_ids"]
+        if not probe or all(i == self.tokenizer.unk_token_id for i in probe):
+            raise TranslationError(f"--model {model}: could not load its tokenizer (it maps text to <unk>); {hint}")
+        dtype = torch.bfloat16 if (bf16 and device == "cuda") else torch.float32
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(spec.hub_id, dtype=dtype).to(device).eval()
+        self.device, self.max_length, self.batch_size, self.num_beams = device, max_length, batch_size, num_beams
+
+    def check_code(self, code: str, role: str) -> None:
+        if self.tokenizer.convert_tokens_to_ids(code) in (None, self.tokenizer.unk_token_id):
+            raise TranslationError(f"the model cannot {'read' if role == 'source' else 'write'} {code}: it is not "
+                                   "one of its language tokens")
+
+    def token_length(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def translate(self, texts: list[str], src_code: str, tgt_code: str, stats: Stats) -> list[str]:
+        """Translate a batch-planned list (already unique, sorted); returns outputs in the same order."""
+        import torch
+
+        self.tokenizer.src_lang = src_code
+        forced = self.tokenizer.convert_tokens_to_ids(tgt_code)
+        out: list[str] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start:start + self.batch_size]
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_length)
+            full = self.tokenizer(batch, add_special_tokens=True)["input_ids"]
+            stats.truncated += sum(len(ids) > self.max_length for ids in full)
+            with torch.inference_mode():
+                generated = self.model.generate(**enc.to(self.device), forced_bos_token_id=forced,
+                                                max_length=self.max_length, num_beams=self.num_beams,
+                                                do_sample=False)
+            out += self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- QA projection
+def mark_answer(context: str, answer: str, answer_start: int) -> str:
+    """Remove every marker from the context and wrap the answer span in markers.
+
+    The start shifts by the markers removed BEFORE the answer only (the original subtracted all of them).
+    """
+    before = context[:answer_start].count(MARK)
+    clean = context.replace(MARK, "")
+    start = answer_start - before
+    answer_clean = answer.replace(MARK, "")
+    end = start + len(answer_clean)
+    return clean[:start] + MARK + clean[start:end] + MARK + clean[end:]
+
+
+def project_answer(translated: str) -> tuple[str, str, int]:
+    """From a translation of a marked context: (context without markers, answer text, answer start or -1)."""
+    first, last = translated.find(MARK), translated.rfind(MARK)
+    clean = translated.replace(MARK, "")
+    if first == -1 or last == first:
+        return clean, "", -1
+    answer = translated[first + 1:last].replace(MARK, "")
+    stripped = answer.strip()
+    if not stripped:
+        return clean, "", -1
+    start = first + (len(answer) - len(answer.lstrip()))
+    return clean, stripped, start
+
+
+# ---------------------------------------------------------------------------------------------- chunks and files
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def translate_unique(translator: NLLBTranslator, texts: list[str], src_code: str, tgt_code: str, partial: Path,
+                     stats: Stats, progress: Callable[[int], None] | None = None) -> dict[str, str]:
+    """Translate the unique strings of ``texts`` in resumable chunks; returns {source string: translation}."""
+    unique, _ = plan_batches(texts, translator.batch_size, translator.token_length)
+    stats.strings += len(texts)
+    stats.unique += len(unique)
+    stats.empty += sum(1 for t in texts if not t.strip())
+    result: dict[str, str] = {}
+    partial.mkdir(parents=True, exist_ok=True)
+    for c, start in enumerate(range(0, len(unique), CHUNK)):
+        chunk = unique[start:start + CHUNK]
+        path = partial / f"chunk-{c:05d}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved["source"] == chunk:
+                result.update(zip(chunk, saved["translation"]))
+                stats.chunks_resumed += 1
+                continue
+        translated = translator.translate(chunk, src_code, tgt_code, stats)
+        payload = json.dumps({"source": chunk, "translation": translated}, ensure_ascii=False)
+        _write_atomic(path, lambda p, payload=payload: p.write_text(payload, encoding="utf-8"))
+        result.update(zip(chunk, translated))
+        if progress:
+            progress(len(chunk))
+    result.update({t: "" for t in texts if not t.strip()})
+    return result
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    _write_atomic(path, lambda p: df.to_parquet(p, index=False))
+
+
+# ---------------------------------------------------------------------------------------------- per split
+def translate_split(task: str, ds: datasets.Dataset, translate: Callable[[str, list[str]], list[str]]) -> tuple:
+    """Add ``{field}_translated`` columns (and for TyDiQA the projected ``answers_translated``).
+
+    ``translate(field, texts)`` returns one translation per text, in order.
+    """
+    df = ds.to_pandas()
+    counts: dict[str, int] = {}
+    if task == "tydiqa":
+        marked = [mark_answer(c, a["text"][0], int(a["answer_start"][0]))
+                  for c, a in zip(df["context"], df["answers"])]
+        questions = [q.replace(MARK, "") for q in df["question"]]
+        ctx_t, q_t = translate("context", marked), translate("question", questions)
+        projected = [project_answer(t) for t in ctx_t]
+        df["context_translated"] = [p[0] for p in projected]
+        df["question_translated"] = q_t
+        df["answers_translated"] = [{"text": [p[1]], "answer_start": [p[2]]} for p in projected]
+        lost = sum(1 for p in projected if p[2] < 0)
+        counts.update(answers_projected=len(projected) - lost, answers_lost=lost)
+    else:
+        for f in FIELDS[task]:
+            df[f"{f}_translated"] = translate(f, list(df[f]))
+    return df, counts
+
+
+def reference_split(task: str, src: str, tgt: str, split: str, data_dir: str | Path | None,
+                    source: datasets.Dataset) -> pd.DataFrame:
+    """The human translation of a parallel corpus as the ``_translated`` columns (oracle MT)."""
+    if task == "tydiqa":
+        raise TranslationError("--model reference needs a human-parallel corpus: NusaX (same id) or XNLI (same "
+                               "line); TyDiQA is not parallel. Use an NLLB model for TyDiQA.")
+    target = load_task(task, tgt, split, data_dir)
+    df = source.to_pandas()
+    if len(target) != len(source):
+        raise TranslationError(f"{task} {split}: {src} has {len(source)} rows but {tgt} has {len(target)}; the "
+                               "reference backend needs parallel files")
+    if task == "nusax" and list(target["id"]) != list(source["id"]):
+        raise TranslationError(f"nusax {split}: ids of {src} and {tgt} differ; the files are not parallel")
+    if list(target["label"]) != list(source["label"]):
+        raise TranslationError(f"{task} {split}: labels of {src} and {tgt} differ; the files are not parallel")
+    for f in FIELDS[task]:
+        df[f"{f}_translated"] = list(target[f])
+    return df
+
+
+def _source(job, src: str, split: str) -> datasets.Dataset:
+    path = job.parquet_inputs.get(split)
+    if path is None:
+        return load_task(job.task, src, split, job.data_dir)
+    if not Path(path).is_file():
+        raise TranslationError(f"--path_{split} {path}: no such file")
+    df = pd.read_parquet(path)
+    if "lang" in df.columns:
+        df = df[df["lang"] == src].drop(columns=["lang"]).reset_index(drop=True)
+    if df.empty:
+        raise TranslationError(f"--path_{split} {path}: no rows for language {src}")
+    return datasets.Dataset.from_pandas(df, preserve_index=False)
+
+
+@dataclass
+class TranslateJob:
+    task: str
+    source_lang: str
+    target_lang: str
+    model: str  # nllb-600m | nllb-3.3b | a local directory | reference
+    output_dir: Path = Path("translations")
+    data_dir: str | None = None
+    splits: tuple[str, ...] | None = None
+    max_samples: int | None = None
+    max_length: int = 256
+    batch_size: int = 64
+    num_beams: int = 1
+    device: str = "cpu"
+    bf16: bool = False
+    overwrite: bool = False
+    no_fallback: bool = False
+    parquet_inputs: dict = field(default_factory=dict)  # split -> parquet file (the original's TyDiQA inputs)
+
+    @property
+    def model_name(self) -> str:
+        return self.model if self.model == "reference" or not Path(self.model).exists() else Path(self.model).name
+
+    @property
+    def folder(self) -> Path:
+        return self.output_dir / self.task / f"translate-{self.target_lang}-{self.model_name}"
+
+
+def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] | None = None) -> dict:
+    """Translate every requested split; skip finished files unless ``overwrite``; returns the meta dict."""
+    from tqdm.auto import tqdm
+
+    from flare.data import check_task_language
+
+    src = check_task_language(job.task, job.source_lang)
+    tgt_lang = resolve(job.target_lang)
+    splits = job.splits or SPLITS[job.task]
+    bad = [s for s in splits if s not in SPLITS[job.task]]
+    if bad:
+        raise TranslationError(f"--splits {bad}: {job.task} translates {list(SPLITS[job.task])}")
+    src_code, src_fallback = nllb_code(src, allow_fallback=not job.no_fallback)
+    tgt_code, tgt_fallback = nllb_code(tgt_lang.code, allow_fallback=not job.no_fallback)
+    warnings = []
+    for lang, fb in ((src, src_fallback), (tgt_lang.code, tgt_fallback)):
+        if fb and job.model != "reference":
+            msg = (f"NLLB has no {resolve(lang).name} ({lang}): using Indonesian (ind_Latn) instead, as the original "
+                   "did. These 'translations' are Indonesian. Pass --no_fallback to refuse.")
+            logger.warning("!!! %s", msg)
+            warnings.append(msg)
+    targets = {s: output_path(job.output_dir, job.task, s, src, tgt_lang.code, job.model_name) for s in splits}
+    todo = [s for s, p in targets.items() if job.overwrite or not p.is_file()]
+    meta_path = job.folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if not todo:
+        logger.info("all %d files exist in %s (pass --overwrite to redo)", len(targets), job.folder)
+        return meta
+    sources = {s: _source(job, src, s) for s in todo}  # fail early on missing data
+    if job.max_samples:
+        sources = {s: d.select(range(min(job.max_samples, len(d)))) for s, d in sources.items()}
+    translator = None
+    if job.model != "reference":
+        translator = translator_factory() if translator_factory else NLLBTranslator(
+            job.model, device=job.device, max_length=job.max_length, batch_size=job.batch_size,
+            num_beams=job.num_beams, bf16=job.bf16)
+        translator.check_code(src_code, "source")
+        translator.check_code(tgt_code, "target")
+    direction = f"{src}-{tgt_lang.code}"
+    meta.update(task=job.task, source_lang=src, target_lang=tgt_lang.code, model=job.model,
+                nllb_source=src_code, nllb_target=tgt_code, fallback_warnings=warnings,
+                settings=dict(max_length=job.max_length, batch_size=job.batch_size, num_beams=job.num_beams,
+                              bf16=job.bf16, device=job.device, data_dir=job.data_dir, max_samples=job.max_samples))
+    meta.setdefault("splits", {})
+    for split in todo:
+        t0, stats, ds = time.time(), Stats(), sources[split]
+        partial = job.folder / ".partial" / f"{SPLIT_FILE[split]}_{direction}"
+        if job.model == "reference":
+            df, counts = reference_split(job.task, src, tgt_lang.code, split, job.data_dir, ds), {}
+            stats.strings = len(ds) * len(FIELDS[job.task])
+        else:
+            bar = tqdm(desc=f"{job.task} {split} {direction}", unit="str")
+
+            def translate(name, texts, _partial=partial, _stats=stats, _bar=bar):
+                mapping = translate_unique(translator, texts, src_code, tgt_code, _partial / name, _stats, _bar.update)
+                return [mapping[t] for t in texts]
+
+            df, counts = translate_split(job.task, ds, translate)
+            bar.close()
+        df["language"] = src
+        write_parquet(df, targets[split])
+        shutil.rmtree(partial, ignore_errors=True)
+        stats.seconds = time.time() - t0
+        meta["splits"][SPLIT_FILE[split]] = dict(rows=len(df), file=targets[split].name, strings=stats.strings,
+                                                 unique_strings=stats.unique, empty_strings=stats.empty,
+                                                 truncated_inputs=stats.truncated, seconds=round(stats.seconds, 2),
+                                                 chunks_resumed=stats.chunks_resumed, **counts)
+        if stats.truncated:
+            logger.warning("%s: %d inputs longer than --max_length %d were truncated", split, stats.truncated,
+                           job.max_length)
+        _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False)))
+        logger.info("wrote %s (%d rows, %.1f s)", targets[split], len(df), stats.seconds)
+    partial_root = job.folder / ".partial"
+    if partial_root.is_dir() and not any(partial_root.iterdir()):
+        partial_root.rmdir()
+    return meta

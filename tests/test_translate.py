@@ -1,0 +1,242 @@
+"""run_translate.py: projection, dedup/sort/restore order, resume, reference backend, tiny NLLB, bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+
+import run_translate
+from flare import translate as tr
+from flare.data import load_task
+from flare.translate import MARK, TranslateJob, TranslationError, mark_answer, project_answer, run_job
+
+
+# ---------------------------------------------------------------- QA answer projection
+def test_mark_answer_shifts_only_by_quotes_before_the_answer():
+    context = 'He said "yes" in 1999 and "no" later.'
+    start = context.index("1999")
+    marked = mark_answer(context, "1999", start)
+    assert marked == 'He said yes in "1999" and no later.'
+    # the original subtracted ALL removed quotes (4), also the two after the answer -> wrong span
+    clean = context.replace(MARK, "")
+    assert clean[start - 4:start - 4 + 4] != "1999" and clean[start - 2:start + 2] == "1999"
+
+
+def test_project_answer_recovers_span_and_strips_markers():
+    ctx, ans, start = project_answer('Alisema ndiyo mwaka "1999" na hapana.')
+    assert (ans, start) == ("1999", ctx.index("1999")) and MARK not in ctx
+    # a translator that moves the markers and adds spaces inside
+    ctx, ans, start = project_answer('Mwaka " 1999 huko " Brazil')
+    assert ans == "1999 huko" and ctx[start:start + len(ans)] == ans
+    # extra quotes inside the span are removed from answer and context alike
+    ctx, ans, start = project_answer('A "b "c" d" e')
+    assert ans == "b c d" and ctx == "A b c d e" and ctx[start:start + len(ans)] == ans
+
+
+@pytest.mark.parametrize("translated", ["no markers at all", 'one " marker', 'empty "" span', 'blank "  " span'])
+def test_project_answer_lost(translated):
+    ctx, ans, start = project_answer(translated)
+    assert (ans, start) == ("", -1) and MARK not in ctx
+
+
+class FakeTranslator:
+    """Upper-cases text (markers survive); records what it was asked to translate."""
+
+    def __init__(self, batch_size=4, fail_after=None, move_markers=False):
+        self.batch_size, self.calls, self.fail_after, self.move_markers = batch_size, [], fail_after, move_markers
+
+    def check_code(self, code, role):
+        pass
+
+    def token_length(self, text):
+        return len(text.split())
+
+    def translate(self, texts, src_code, tgt_code, stats):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls.append(list(texts))
+        return [f"[{tgt_code}] " + t.upper() for t in texts]
+
+
+def _job(tmp_path, task="nusax", **kw):
+    kw = {"source_lang": "en", "target_lang": "jav", "model": "fake", "output_dir": tmp_path, "data_dir": "data",
+          "splits": ("test",), **kw}
+    return TranslateJob(task=task, **kw)
+
+
+def test_dedup_sort_and_restore_input_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(tr, "CHUNK", 1000)
+    fake = FakeTranslator()
+    run_job(_job(tmp_path, task="xnli", target_lang="es", splits=("test",)), lambda: fake)
+    df = pd.read_parquet(tmp_path / "xnli" / "translate-es-fake" / "test_en-es.parquet")
+    src = load_task("xnli", "en", "test", "data")
+    assert list(df["premise"]) == list(src["premise"]) and len(df) == 210
+    assert list(df["premise_translated"]) == ["[spa_Latn] " + p.upper() for p in src["premise"]]
+    asked = [t for call in fake.calls for t in call]
+    premises = [t for t in asked if t in set(src["premise"])]
+    assert len(premises) == len(set(src["premise"])) == 70  # each XNLI premise appears 3 times: translated once
+    lengths = [len(t.split()) for t in asked[: len(premises)]]
+    assert lengths == sorted(lengths, reverse=True)  # longest first within the field
+    meta = json.loads((tmp_path / "xnli" / "translate-es-fake" / "meta.json").read_text())
+    assert meta["splits"]["test"]["unique_strings"] < meta["splits"]["test"]["strings"] == 420
+
+
+def test_resume_after_interruption_gives_identical_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(tr, "CHUNK", 16)
+    ref = tmp_path / "ref"
+    run_job(_job(ref), lambda: FakeTranslator())
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_job(killed), lambda: FakeTranslator(fail_after=7))
+    assert not (killed / "nusax" / "translate-jav-fake" / "test_en-jav.parquet").exists()  # nothing half-written
+    resumed = FakeTranslator()
+    meta = run_job(_job(killed), lambda: resumed)
+    assert meta["splits"]["test"]["chunks_resumed"] == 7
+    n_chunks = -(-meta["splits"]["test"]["unique_strings"] // 16)
+    assert len(resumed.calls) == n_chunks - 7  # finished chunks are not translated again
+    a = (ref / "nusax" / "translate-jav-fake" / "test_en-jav.parquet").read_bytes()
+    b = (killed / "nusax" / "translate-jav-fake" / "test_en-jav.parquet").read_bytes()
+    assert a == b
+    assert not (killed / "nusax" / "translate-jav-fake" / ".partial").exists()
+
+
+def test_finished_translation_is_skipped(tmp_path):
+    run_job(_job(tmp_path), lambda: FakeTranslator())
+    t0 = time.time()
+    run_job(_job(tmp_path), lambda: pytest.fail("the model must not be loaded again"))
+    assert time.time() - t0 < 2
+
+
+def test_tydiqa_projection_counts_in_meta(tmp_path):
+    meta = run_job(_job(tmp_path, task="tydiqa", target_lang="sw", max_samples=20), lambda: FakeTranslator())
+    df = pd.read_parquet(tmp_path / "tydiqa" / "translate-sw-fake" / "test_en-sw.parquet")
+    assert meta["splits"]["test"]["answers_projected"] == 20 and meta["splits"]["test"]["answers_lost"] == 0
+    for ctx, ans in zip(df["context_translated"], df["answers_translated"]):
+        assert MARK not in ctx and ctx[ans["answer_start"][0]:].startswith(ans["text"][0])
+    assert {"context_translated", "question_translated", "answers_translated", "language"} <= set(df.columns)
+
+
+# ---------------------------------------------------------------- reference backend
+@pytest.mark.parametrize("task,tgt,field", [("nusax", "jav", "text"), ("xnli", "de", "hypothesis")])
+def test_reference_reproduces_human_translations(tmp_path, task, tgt, field):
+    splits = ("train", "validation", "test") if task == "nusax" else ("validation", "test")
+    assert run_translate.main(["--task", task, "--source_lang", "en", "--target_lang", tgt, "--model", "reference",
+                               "--data_dir", "data", "--output_dir", str(tmp_path), "--splits", *splits]) == 0
+    for split in splits:
+        df = pd.read_parquet(tmp_path / task / f"translate-{tgt}-reference" /
+                             f"{tr.SPLIT_FILE[split]}_en-{tgt}.parquet")
+        assert list(df[f"{field}_translated"]) == list(load_task(task, tgt, split, "data")[field])
+        assert list(df[field]) == list(load_task(task, "en", split, "data")[field])
+        assert set(df["language"]) == {"en"}
+
+
+def test_reference_refuses_tydiqa(tmp_path, capsys):
+    assert run_translate.main(["--task", "tydiqa", "--source_lang", "en", "--target_lang", "sw", "--model",
+                               "reference", "--data_dir", "data", "--output_dir", str(tmp_path)]) == 2
+    assert "TyDiQA is not parallel" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the tiny NLLB model, every task
+@pytest.mark.parametrize("task,tgt,cols", [
+    ("xnli", "es", ["premise", "hypothesis", "label", "premise_translated", "hypothesis_translated", "language"]),
+    ("nusax", "jav", ["id", "text", "label", "text_translated", "language"]),
+    ("tydiqa", "sw", ["id", "title", "context", "question", "answers", "context_translated",
+                      "question_translated", "answers_translated", "language"]),
+])
+def test_tiny_nllb_writes_every_task(tmp_path, tiny_models, task, tgt, cols):
+    splits = ["validation", "test"] if task != "tydiqa" else ["train", "test"]
+    argv = ["--task", task, "--source_lang", "en", "--target_lang", tgt, "--model", str(tiny_models / "nllb"),
+            "--data_dir", "data", "--output_dir", str(tmp_path), "--max_samples", "6", "--max_length", "24",
+            "--splits", *splits]
+    assert run_translate.main(argv) == 0
+    folder = tmp_path / task / f"translate-{tgt}-nllb"
+    for split in splits:
+        df = pd.read_parquet(folder / f"{tr.SPLIT_FILE[split]}_en-{tgt}.parquet")
+        assert list(df.columns) == cols and len(df) == 6
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["nllb_target"] == {"es": "spa_Latn", "jav": "jav_Latn", "sw": "swh_Latn"}[tgt]
+    assert set(meta["splits"]) == {tr.SPLIT_FILE[s] for s in splits}
+
+
+# ---------------------------------------------------------------- bad input
+def _bad(tmp_path, capsys, *argv):
+    out = tmp_path / "out"
+    assert run_translate.main([*argv, "--output_dir", str(out), "--data_dir", "data"]) == 2
+    assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True
+    return capsys.readouterr().err
+
+
+def test_unknown_language(tmp_path, capsys):
+    assert "unknown language 'xx'" in _bad(tmp_path, capsys, "--task", "nusax", "--source_lang", "en",
+                                           "--target_lang", "xx", "--model", "reference")
+
+
+def test_model_dir_without_tokenizer(tmp_path, capsys, tiny_models):
+    import shutil
+
+    model = tmp_path / "notok"
+    model.mkdir()
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        if (tiny_models / "nllb" / f).exists():
+            shutil.copy(tiny_models / "nllb" / f, model / f)
+    err = _bad(tmp_path, capsys, "--task", "nusax", "--source_lang", "en", "--target_lang", "jav", "--model",
+               str(model), "--splits", "test")
+    assert "could not load its tokenizer" in err
+
+
+def test_not_a_translation_model(tmp_path, capsys, tiny_models):
+    err = _bad(tmp_path, capsys, "--task", "nusax", "--source_lang", "en", "--target_lang", "jav", "--model",
+               str(tiny_models / "llama"), "--splits", "test")
+    assert "translation needs an NLLB/M2M100" in err
+
+
+def test_no_fallback_for_madurese(tmp_path, capsys, tiny_models):
+    err = _bad(tmp_path, capsys, "--task", "nusax", "--source_lang", "en", "--target_lang", "mad", "--model",
+               str(tiny_models / "nllb"), "--no_fallback", "--splits", "test")
+    assert "NLLB has no madurese" in err
+
+
+def test_fallback_is_loud_and_recorded(tmp_path, caplog):
+    meta = run_job(_job(tmp_path, target_lang="mad"), lambda: FakeTranslator())
+    assert meta["nllb_target"] == "ind_Latn" and "Indonesian" in meta["fallback_warnings"][0]
+    assert "!!! NLLB has no madurese" in caplog.text
+
+
+def test_language_the_model_cannot_read(tiny_models):
+    translator = tr.NLLBTranslator(str(tiny_models / "nllb"))
+    with pytest.raises(TranslationError, match="cannot read xxx_Latn"):
+        translator.check_code("xxx_Latn", "source")
+
+
+def test_empty_strings_are_not_translated(tmp_path, monkeypatch):
+    fake = FakeTranslator()
+    stats = tr.Stats()
+    out = tr.translate_unique(fake, ["a b", "", "  ", "a b"], "eng_Latn", "jav_Latn", tmp_path / "p", stats)
+    assert out == {"a b": "[jav_Latn] A B", "": "", "  ": ""} and stats.empty == 2 and stats.unique == 1
+
+
+def test_xnli_local_train_split_message(tmp_path, capsys):
+    err = _bad(tmp_path, capsys, "--task", "xnli", "--source_lang", "en", "--target_lang", "es", "--model",
+               "reference")
+    assert "--train_split validation" in err or "no local train split" in err
+
+
+def test_run_translate_sh_both_directions(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TASKS": "nusax", "TARGET_LANGS": "jav sun", "MODEL": "reference", "DATA_DIR": "data",
+           "OUTPUT_DIR": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "run_translate.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for lang in ("jav", "sun"):
+        for split in ("train", "val", "test"):
+            assert (tmp_path / "nusax" / f"translate-{lang}-reference" / f"{split}_en-{lang}.parquet").is_file()
+        assert (tmp_path / "nusax" / "translate-en-reference" / f"test_{lang}-en.parquet").is_file()
