@@ -10,14 +10,21 @@ import collections
 import numpy as np
 
 
-def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
-    """Tokenise question + context windows; label each window with the first gold answer's token span (or CLS)."""
+def _windows(examples: dict, tokenizer, max_length: int, doc_stride: int):
+    """Question + context windows (context overflowing with ``doc_stride`` overlap) and the context's sequence id;
+    the question goes first with right padding, second with left padding (so the context is never padded over)."""
     pad_right = tokenizer.padding_side == "right"
     enc = tokenizer(
         examples["question" if pad_right else "context"], examples["context" if pad_right else "question"],
         truncation="only_second" if pad_right else "only_first", max_length=max_length, stride=doc_stride,
         return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
     )
+    return enc, (1 if pad_right else 0)
+
+
+def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
+    """Tokenise question + context windows; label each window with the first gold answer's token span (or CLS)."""
+    enc, ctx_id = _windows(examples, tokenizer, max_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
     offsets_all = enc.pop("offset_mapping")
     enc["start_positions"], enc["end_positions"] = [], []
@@ -28,7 +35,6 @@ def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_strid
         answers = examples["answers"][sample_map[i]]
         start_char = answers["answer_start"][0]
         end_char = start_char + len(answers["text"][0])
-        ctx_id = 1 if pad_right else 0
         tok_start = next(k for k, s in enumerate(seq_ids) if s == ctx_id)
         tok_end = len(seq_ids) - 1 - next(k for k, s in enumerate(reversed(seq_ids)) if s == ctx_id)
         if not (offsets[tok_start][0] <= start_char and offsets[tok_end][1] >= end_char):
@@ -46,14 +52,8 @@ def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_strid
 
 def prepare_eval_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
     """Like :func:`prepare_train_features` but keeps ``example_id`` and context-only offsets for post-processing."""
-    pad_right = tokenizer.padding_side == "right"
-    enc = tokenizer(
-        examples["question" if pad_right else "context"], examples["context" if pad_right else "question"],
-        truncation="only_second" if pad_right else "only_first", max_length=max_length, stride=doc_stride,
-        return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
-    )
+    enc, ctx_id = _windows(examples, tokenizer, max_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
-    ctx_id = 1 if pad_right else 0
     enc["example_id"] = []
     for i in range(len(enc["input_ids"])):
         seq_ids = enc.sequence_ids(i)
