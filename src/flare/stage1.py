@@ -173,10 +173,13 @@ def run(cfg: Stage1Config) -> dict:
         os.environ.setdefault("WANDB_PROJECT", a["wandb_project"])
     set_seed(cfg.seed)
     # data first: a missing file or split fails before any model is loaded
-    train_ds = None if a["eval_only"] else _limit(load_task(cfg.task, cfg.lang, a["train_split"], a["data_dir"]),
-                                                   a["max_train_samples"])
-    val_ds = _limit(load_task(cfg.task, cfg.lang, "validation", a["data_dir"]), a["max_eval_samples"])
-    test_ds = _limit(load_task(cfg.task, cfg.lang, "test", a["data_dir"]), a["max_eval_samples"])
+    try:
+        train_ds = None if a["eval_only"] else _limit(load_task(cfg.task, cfg.lang, a["train_split"],
+                                                                a["data_dir"]), a["max_train_samples"])
+        val_ds = _limit(load_task(cfg.task, cfg.lang, "validation", a["data_dir"]), a["max_eval_samples"])
+        test_ds = _limit(load_task(cfg.task, cfg.lang, "test", a["data_dir"]), a["max_eval_samples"])
+    except ValueError as e:  # e.g. no local XNLI train split, bad labels in a file
+        raise UsageError(str(e)) from e
 
     tokenizer = load_tokenizer(cfg.spec)
     model = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=a["bf16"],
@@ -225,9 +228,8 @@ def run(cfg: Stage1Config) -> dict:
                    param_train=param_train, run_name=cfg.run_name, mode="task_ft")
     results.update({k: v for k, v in cfg.describe().items() if k not in results})
     results["args"] = a
-    if a["eval_only"] and not cfg.run_dir.exists():
-        cfg.run_dir.mkdir(parents=True)
-    write_json_atomic(cfg.run_dir / "run_config.json", cfg.describe() | {"args": a}) if not a["eval_only"] else None
+    if not a["eval_only"]:
+        write_json_atomic(cfg.run_dir / "run_config.json", cfg.describe() | {"args": a})
     write_jsonl_atomic(cfg.run_dir / "predictions_test.jsonl", test_eval.records(predictions))
     write_json_atomic(cfg.run_dir / "results_test.json", results)
     logger.info("test metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
@@ -246,12 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (UsageError, CheckpointError, FileNotFoundError) as e:
         return fail(str(e))
-    except ValueError as e:
-        if "split" in str(e) or "language" in str(e):
-            return fail(str(e))
-        raise
     return 0
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
+from flare.common_args import atomic_write
 from flare.config import resolve_model
 from flare.data import load_task
 from flare.languages import nllb_code, resolve
@@ -160,18 +159,6 @@ def project_answer(translated: str) -> tuple[str, str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- chunks and files
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def translate_unique(translator: NLLBTranslator, texts: list[str], src_code: str, tgt_code: str, partial: Path,
                      stats: Stats, progress: Callable[[int], None] | None = None) -> dict[str, str]:
     """Translate the unique strings of ``texts`` in resumable chunks; returns {source string: translation}."""
@@ -192,7 +179,7 @@ def translate_unique(translator: NLLBTranslator, texts: list[str], src_code: str
                 continue
         translated = translator.translate(chunk, src_code, tgt_code, stats)
         payload = json.dumps({"source": chunk, "translation": translated}, ensure_ascii=False)
-        _write_atomic(path, lambda p, payload=payload: p.write_text(payload, encoding="utf-8"))
+        atomic_write(path, lambda p, payload=payload: p.write_text(payload, encoding="utf-8"))
         result.update(zip(chunk, translated))
         if progress:
             progress(len(chunk))
@@ -201,7 +188,7 @@ def translate_unique(translator: NLLBTranslator, texts: list[str], src_code: str
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    _write_atomic(path, lambda p: df.to_parquet(p, index=False))
+    atomic_write(path, lambda p: df.to_parquet(p, index=False))
 
 
 # ---------------------------------------------------------------------------------------------- per split
@@ -361,7 +348,7 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
         if stats.truncated:
             logger.warning("%s: %d inputs longer than --max_length %d were truncated", split, stats.truncated,
                            job.max_length)
-        _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False)))
+        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False)))
         logger.info("wrote %s (%d rows, %.1f s)", targets[split], len(df), stats.seconds)
     partial_root = job.folder / ".partial"
     if partial_root.is_dir() and not any(partial_root.iterdir()):
