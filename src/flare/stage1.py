@@ -152,7 +152,6 @@ def training_arguments(cfg: Stage1Config, n_train: int, label_names: tuple[str, 
 
 
 def run(cfg: Stage1Config) -> dict:
-    import torch
     from transformers import set_seed
 
     from flare.data.features import PadCollator
@@ -220,8 +219,7 @@ def run(cfg: Stage1Config) -> dict:
 
     test_eval = evaluator(test_ds)
     t0 = time.time()
-    with torch.no_grad():
-        predictions = test_eval.predict(model)
+    predictions = test_eval.predict(model)  # no_grad, eval mode
     metrics = test_eval.score(predictions)
     results.update({f"test_{k}": v for k, v in metrics.items()})
     results.update(test_runtime=time.time() - t0, n_test=len(test_ds), param_total=param_total,

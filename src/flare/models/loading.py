@@ -63,8 +63,7 @@ def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: 
     kwargs: dict = {}
     quant = bnb_config(spec, kind, quantize, compute_dtype)
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": device},
-                      dtype=torch.bfloat16 if bf16 else torch.float32)
+        kwargs.update(quantization_config=quant, device_map={"": device}, dtype=compute_dtype)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if kind == "lm":
@@ -76,15 +75,15 @@ def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: 
             label2id={w: i for i, w in enumerate(labels)}, **kwargs)
     else:
         model = AutoModelForQuestionAnswering.from_pretrained(spec.hub_id, **kwargs)
-    if quant is None:
-        model.to(device)
     if quant is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    else:
+        model.to(device)
+        if gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
     return model
 
 
@@ -101,10 +100,7 @@ def lora_config(spec: ModelSpec, task: str, *, r: int, alpha: int, dropout: floa
 
 
 def add_lora(model, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    if not config.modules_to_save and config.task_type == "SEQ_CLS":
-        logger.warning("the classifier head is frozen")
-    return peft_model
+    return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def count_parameters(model) -> tuple[int, int]:
