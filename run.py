@@ -1,14 +1,12 @@
-"""Placeholder: this entry point is not built yet (see the open issues). It refuses to run rather than pretend."""
+#!/usr/bin/env python
+"""Stage 2 of FLARE: zero-shot, translate-test, translate-train LoRA, input-level fusion, FLARE and FLARE MT.
 
-from __future__ import annotations
+See ``python run.py --help`` and the README; the code is in ``src/flare/stage2.py``.
+"""
 
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    print("run.py is not implemented yet in this version of the codebase; nothing was run.", file=sys.stderr)
-    return 2
-
+from flare.stage2 import main
 
 if __name__ == "__main__":
     sys.exit(main())

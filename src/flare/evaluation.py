@@ -4,8 +4,9 @@ An :class:`Evaluator` owns one evaluation set: the raw examples (for gold answer
 their model features. ``predict(model)`` runs the model (argmax, QA spans or greedy generation) and returns one
 prediction per example; ``score(predictions)`` gives the metrics; ``records(predictions)`` the JSONL lines.
 
-``batch_context`` lets stage 2 wrap every model call (e.g. to set the fusion source for the batch); stage 1 passes
-nothing.
+``batch_context`` lets stage 2 wrap every model call (e.g. to set the fusion source for the batch): it receives the
+whole batch, including the ``extra_columns`` (``src_*``/``mt_*`` source inputs) that are not passed to the model.
+Stage 1 passes nothing.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ class Evaluator:
     def __init__(self, task: str, spec: ModelSpec, tokenizer, examples: datasets.Dataset, max_length: int,
                  batch_size: int = 32, doc_stride: int = 128, max_answer_length: int = 30,
                  generate_max_tokens: int = 100, features: datasets.Dataset | None = None,
-                 batch_context: BatchContext | None = None):
+                 batch_context: BatchContext | None = None, extra_columns: tuple[str, ...] = (),
+                 pad_values: dict | None = None):
         self.task, self.info, self.spec, self.tokenizer = task, TASKS[task], spec, tokenizer
         self.examples, self.max_length, self.batch_size = examples, max_length, batch_size
         self.doc_stride, self.max_answer_length = doc_stride, max_answer_length
         self.batch_context = batch_context or _no_context
+        self.extra_columns, self.pad_values = tuple(extra_columns), pad_values
         if self.info.kind == "cls":
             # room for the longest label word and EOS; longer generations cannot change the parsed label
             longest = max(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in self.info.labels)
@@ -66,8 +69,9 @@ class Evaluator:
         return tuple(k for k in ("input_ids", "attention_mask", "token_type_ids") if k in self.features.column_names)
 
     def batches(self, columns: tuple[str, ...] | None = None):
-        columns = columns or self.model_inputs()
-        collate = PadCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side, keep=columns)
+        columns = columns or self.model_inputs() + self.extra_columns
+        collate = PadCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side, keep=columns,
+                              pad_values=self.pad_values)
         for start in range(0, len(self.features), self.batch_size):
             rows = self.features.select(range(start, min(start + self.batch_size, len(self.features))))
             yield collate([{c: r[c] for c in columns} for r in rows])
@@ -89,12 +93,16 @@ class Evaluator:
     def _device(self, model) -> torch.device:
         return next(p.device for p in model.parameters())
 
+    def _inputs(self, batch: dict) -> dict:
+        """The model's own inputs of a batch (the extra source columns go to ``batch_context`` only)."""
+        return {k: v for k, v in batch.items() if k not in self.extra_columns}
+
     def _classify(self, model) -> list[int]:
         device, preds = self._device(model), []
         for batch in tqdm(self.batches(), desc="eval", leave=False, total=self._n_batches()):
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.batch_context(batch):
-                logits = model(**batch).logits
+                logits = model(**self._inputs(batch)).logits
             preds += logits.argmax(-1).tolist()
         return preds
 
@@ -103,7 +111,7 @@ class Evaluator:
         for batch in tqdm(self.batches(), desc="eval", leave=False, total=self._n_batches()):
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.batch_context(batch):
-                out = model(**batch)
+                out = model(**self._inputs(batch))
             width = self.max_length
             for logits, sink in ((out.start_logits, starts), (out.end_logits, ends)):
                 padded = torch.full((logits.shape[0], width), -1e9, dtype=torch.float32)
@@ -120,7 +128,7 @@ class Evaluator:
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.batch_context(batch):
                 generated = model.generate(
-                    **batch, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                    **self._inputs(batch), max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 )
             new_tokens = generated[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column

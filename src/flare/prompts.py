@@ -14,8 +14,19 @@ TEMPLATES = {
 }
 
 
-def decoder_prompt(task: str, example: dict) -> str:
-    return TEMPLATES[task].format(**example)
+# input-level fusion (stage 2): English source then target, as the original (with the "\n" before "Answer: " that
+# its TyDiQA template lacked); ``src_*`` are the English fields
+INPUT_FUSION_TEMPLATES = {
+    "xnli": ("Premise: {src_premise}\nHypothesis: {src_hypothesis} "
+             "Premise: {premise}\nHypothesis: {hypothesis}\nLabel: "),
+    "nusax": "{src_text}\n{text}\nSentiment: ",
+    "tydiqa": ("Context: {src_context}\nQuestion: {src_question}\n\n"
+               "Context: {context}\nQuestion: {question}\nAnswer: "),
+}
+
+
+def decoder_prompt(task: str, example: dict, template: str | None = None) -> str:
+    return (template or TEMPLATES[task]).format(**example)
 
 
 def encoder_text(task: str, example: dict) -> str:

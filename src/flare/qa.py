@@ -22,10 +22,13 @@ def _windows(examples: dict, tokenizer, max_length: int, doc_stride: int):
     return enc, (1 if pad_right else 0)
 
 
-def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
+def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int,
+                           keep_sample_map: bool = False) -> dict:
     """Tokenise question + context windows; label each window with the first gold answer's token span (or CLS)."""
     enc, ctx_id = _windows(examples, tokenizer, max_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
+    if keep_sample_map:  # window -> example within this map batch (stage 2 attaches per-example source inputs)
+        enc["sample_map"] = list(sample_map)
     offsets_all = enc.pop("offset_mapping")
     enc["start_positions"], enc["end_positions"] = [], []
     for i, offsets in enumerate(offsets_all):
@@ -50,10 +53,13 @@ def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_strid
     return enc
 
 
-def prepare_eval_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
+def prepare_eval_features(examples: dict, tokenizer, max_length: int, doc_stride: int,
+                          keep_sample_map: bool = False) -> dict:
     """Like :func:`prepare_train_features` but keeps ``example_id`` and context-only offsets for post-processing."""
     enc, ctx_id = _windows(examples, tokenizer, max_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
+    if keep_sample_map:
+        enc["sample_map"] = list(sample_map)
     enc["example_id"] = []
     for i in range(len(enc["input_ids"])):
         seq_ids = enc.sequence_ids(i)

@@ -1,7 +1,15 @@
 """One Trainer subclass: evaluation runs the task :class:`~flare.evaluation.Evaluator` (argmax, QA spans or
-greedy generation) instead of the HF prediction loop, so validation metrics equal test metrics in definition."""
+greedy generation) instead of the HF prediction loop, so validation metrics equal test metrics in definition.
+
+With a :class:`~flare.models.fusion.Fusion` (stage 2, FLARE), every training step runs inside
+``fusion.source(batch)``: the source pass happens once per step, and the source stays set through ``backward()``
+so gradient-checkpointed layers fuse again when they recompute. The fusion modules (cross-attention, FLARE MT
+projection) are saved into every checkpoint and reloaded with the best one or on resume.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from transformers import Trainer
 
@@ -9,9 +17,17 @@ from flare.evaluation import Evaluator
 
 
 class FlareTrainer(Trainer):
-    def __init__(self, *args, evaluator: Evaluator, **kwargs):
+    def __init__(self, *args, evaluator: Evaluator, fusion=None, source_columns: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
-        self.evaluator = evaluator
+        self.evaluator, self.fusion, self.source_columns = evaluator, fusion, tuple(source_columns)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.fusion is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        batch = dict(inputs)
+        model_inputs = {k: v for k, v in batch.items() if k not in self.source_columns}
+        with self.fusion.source(batch):  # forward AND backward (checkpoint recomputation) see the source
+            return super().training_step(model, model_inputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         predictions = self.evaluator.predict(self.model)
@@ -19,3 +35,20 @@ class FlareTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    # the fusion modules live outside peft's adapter state dict: save and load them beside it
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.fusion is not None:
+            self.fusion.save(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.fusion is not None:
+            self.fusion.load(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if self.fusion is not None and best and Path(best).is_dir():
+            self.fusion.load(best)

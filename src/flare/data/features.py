@@ -33,11 +33,12 @@ def _ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def fit_prompt(task: str, example: dict, tokenizer, budget: int) -> tuple[list[int], bool]:
+def fit_prompt(task: str, example: dict, tokenizer, budget: int,
+               template: str | None = None) -> tuple[list[int], bool]:
     """Prompt ids of at most ``budget`` tokens, shortening the task's long field first; returns (ids, truncated)."""
     field = TASKS[task].truncate_field
     example = dict(example)
-    ids = _ids(tokenizer, decoder_prompt(task, example))
+    ids = _ids(tokenizer, decoder_prompt(task, example, template))
     truncated = False
     for _ in range(4):
         if len(ids) <= budget:
@@ -46,7 +47,7 @@ def fit_prompt(task: str, example: dict, tokenizer, budget: int) -> tuple[list[i
         offsets = tokenizer(example[field], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         keep = max(len(offsets) - (len(ids) - budget) - 2, 0)
         example[field] = example[field][: offsets[keep - 1][1]] if keep > 0 else ""
-        ids = _ids(tokenizer, decoder_prompt(task, example))
+        ids = _ids(tokenizer, decoder_prompt(task, example, template))
     return ids[len(ids) - budget:], True  # last resort: keep the prompt's tail (the template's "Answer: ")
 
 
@@ -57,7 +58,14 @@ def answer_text(task: str, example: dict) -> str:
     return example["answers"]["text"][0]
 
 
-def decoder_features(examples: dict, task: str, tokenizer, max_length: int, train: bool) -> dict:
+def cut_tokens(tokenizer, text: str, n: int) -> str:
+    """The prefix of ``text`` that its first ``n`` tokens cover."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text if len(offsets) <= n else (text[: offsets[n - 1][1]] if n > 0 else "")
+
+
+def decoder_features(examples: dict, task: str, tokenizer, max_length: int, train: bool,
+                     template: str | None = None) -> dict:
     """Train: prompt + answer + EOS with labels on answer + EOS. Eval: prompt only."""
     rows = [dict(zip(examples, values)) for values in zip(*examples.values())]
     out = {"input_ids": [], "attention_mask": [], "truncated": []}
@@ -65,7 +73,8 @@ def decoder_features(examples: dict, task: str, tokenizer, max_length: int, trai
         out["labels"] = []
     for row in rows:
         answer = tokenizer(answer_text(task, row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt, truncated = fit_prompt(task, row, tokenizer, max_length - len(answer) if train else max_length)
+        prompt, truncated = fit_prompt(task, row, tokenizer, max_length - len(answer) if train else max_length,
+                                       template)
         ids = prompt + answer if train else prompt
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
@@ -87,8 +96,11 @@ class PadCollator:
     pad_token_id: int
     padding_side: str = "right"
     keep: tuple[str, ...] | None = None  # keep only these fields (None: all tensor-able fields)
+    pad_values: dict | None = None  # per-field pad value overrides (e.g. the MT tokenizer's pad id)
 
     def _pad_value(self, key: str) -> int:
+        if self.pad_values and key in self.pad_values:
+            return self.pad_values[key]
         if key.endswith("input_ids"):
             return self.pad_token_id
         if key.endswith("labels"):

@@ -1,0 +1,116 @@
+"""Stage-2 model features: the target features of stage 1, plus what each mode adds.
+
+* ``flare``: ``src_input_ids``/``src_attention_mask`` of the English source side (decoders: the source PROMPT only,
+  as the original; encoder QA: the source question + context, one sequence per example, given to each window).
+* ``flare-mt``: ``mt_input_ids``/``mt_attention_mask``: the MT tokenizer on the TARGET text the model sees, tagged
+  with the target language's real NLLB code (the original tagged it as English). Padded on the model's side by
+  the collator, so MT and model positions line up (the original right-padded one and left-padded the other).
+* ``input-fusion``: English and target in one input (formats of the original, see ``INPUT_FUSION_TEMPLATES``); the
+  English part gets at most half of the (doubled) ``max_length``. Encoders use the tokenizer's pair encoding, so
+  the two texts are separated (the original concatenated NusaX texts with no separator).
+"""
+
+from __future__ import annotations
+
+from flare import qa
+from flare.config import TASKS, ModelSpec
+from flare.data.features import cut_tokens, decoder_features, encoder_cls_features
+from flare.prompts import INPUT_FUSION_TEMPLATES, decoder_prompt, encoder_text
+
+SOURCE_PREFIX, MT_PREFIX = "src_", "mt_"
+
+
+def _rows(batch: dict) -> list[dict]:
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def source_view(batch: dict, task: str) -> dict:
+    """The batch with the English ``src_*`` fields under the task's field names."""
+    view = dict(batch)
+    for f in TASKS[task].text_fields:
+        view[f] = batch[f"{SOURCE_PREFIX}{f}"]
+    return view
+
+
+def model_text(task: str, spec: ModelSpec, row: dict) -> str:
+    """The target text as the model reads it (the MT encoder's input in FLARE MT)."""
+    if spec.family == "decoder":
+        return decoder_prompt(task, row)
+    if TASKS[task].kind == "cls":
+        return encoder_text(task, row)
+    return f"{row['question']} {row['context']}"
+
+
+def _input_fusion_batch(batch: dict, task: str, spec: ModelSpec, tokenizer, max_length: int) -> dict:
+    """Decoders and encoder QA: fold the English source into the target fields (source first, as the original)."""
+    half = max_length // 2
+    batch = dict(batch)
+    info = TASKS[task]
+    if spec.family == "decoder":
+        long_field = f"{SOURCE_PREFIX}{info.truncate_field}"
+        batch[long_field] = [cut_tokens(tokenizer, t, max(half - 24, 8)) for t in batch[long_field]]
+        return batch
+    # encoder QA: [English question + context | target question] as the question segment, target context second
+    batch["question"] = [cut_tokens(tokenizer, f"{qs} {cs}", half) + f" {qt}"
+                         for qs, cs, qt in zip(batch["src_question"], batch["src_context"], batch["question"])]
+    return batch
+
+
+def target_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_length: int, doc_stride: int,
+                    train: bool, input_fusion: bool = False) -> dict:
+    kind = TASKS[task].kind
+    if input_fusion and (spec.family == "decoder" or kind == "qa"):
+        batch = _input_fusion_batch(batch, task, spec, tokenizer, max_length)
+    if spec.family == "decoder":
+        template = INPUT_FUSION_TEMPLATES[task] if input_fusion else None
+        return decoder_features(batch, task, tokenizer, max_length, train=train, template=template)
+    if kind == "cls":
+        if not input_fusion:
+            return encoder_cls_features(batch, task, tokenizer, max_length)
+        rows = _rows(batch)
+        src = [encoder_text(task, r) for r in _rows(source_view(batch, task))]
+        enc = tokenizer(src, [encoder_text(task, r) for r in rows], truncation="longest_first", max_length=max_length)
+        enc["labels"] = list(batch["label"])
+        return enc
+    prepare = qa.prepare_train_features if train else qa.prepare_eval_features
+    return prepare(batch, tokenizer, max_length, doc_stride, keep_sample_map=True)
+
+
+def source_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_length: int) -> dict:
+    """One English source sequence per example (un-prefixed keys)."""
+    view = source_view(batch, task)
+    if spec.family == "decoder":
+        enc = decoder_features(view, task, tokenizer, max_length, train=False)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if TASKS[task].kind == "cls":
+        enc = encoder_cls_features(view, task, tokenizer, max_length)
+    else:
+        enc = tokenizer(view["question"], view["context"], truncation="only_second", max_length=max_length)
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def mt_features(batch: dict, *, task: str, spec: ModelSpec, mt_tokenizer, mt_lang_code: str, max_length: int) -> dict:
+    """The MT tokenizer on the target text, tagged with the target's NLLB code."""
+    mt_tokenizer.src_lang = mt_lang_code
+    texts = [model_text(task, spec, r) for r in _rows(batch)]
+    enc = mt_tokenizer(texts, truncation=True, max_length=max_length)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def stage2_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_length: int, doc_stride: int,
+                    train: bool, mode: str, mt_tokenizer=None, mt_lang_code: str | None = None) -> dict:
+    """Features of one ``Dataset.map(batched=True)`` batch for ``mode``; QA windows share their example's source."""
+    out = target_features(batch, task=task, spec=spec, tokenizer=tokenizer, max_length=max_length,
+                          doc_stride=doc_stride, train=train, input_fusion=mode == "input-fusion")
+    n_examples = len(next(iter(batch.values())))
+    sample_map = out.pop("sample_map", None) or list(range(n_examples))  # feature -> example within this batch
+    extra: dict[str, list] = {}
+    if mode == "flare":
+        extra = {SOURCE_PREFIX + k: v for k, v in source_features(batch, task=task, spec=spec, tokenizer=tokenizer,
+                                                                  max_length=max_length).items()}
+    elif mode == "flare-mt":
+        extra = {MT_PREFIX + k: v for k, v in mt_features(batch, task=task, spec=spec, mt_tokenizer=mt_tokenizer,
+                                                          mt_lang_code=mt_lang_code, max_length=max_length).items()}
+    for key, values in extra.items():
+        out[key] = [values[i] for i in sample_map]
+    return out

@@ -1,0 +1,360 @@
+"""FLARE: fuse a source representation into the LoRA bottleneck of the query/value projections, with hooks.
+
+For a fused projection with frozen ``W``, LoRA ``A`` (r x d), ``B`` (d_out x r) and scaling ``s = alpha / r``::
+
+    y = W x_t + B . phi(A x_s, A x_t) . s          (the SAME down-projection A for source and target)
+
+Nothing of transformers or peft is copied or patched. Two kinds of ``torch.nn`` hooks do the work:
+
+* capture: a forward pre-hook on every transformer layer records the layer's input hidden state during a no-grad
+  pass of the model on the SOURCE (English) inputs with the new adapter disabled (= the merged English task model).
+  That is the original's ``x_source[i] = hidden_states[i]``. FLARE MT instead takes the frozen NLLB encoder's states
+  of the TARGET text, mapped to the model width by a trainable projection, the same tensor for every layer.
+* fuse: a forward hook on ``lora_A[adapter]`` of every fused projection replaces its output ``A(dropout(x_t))`` by
+  ``phi(A(dropout(x_s)), A(dropout(x_t)))``; peft then applies ``lora_B`` and the scaling as usual. ``A x_s`` is
+  computed with ``F.linear`` on ``A``'s weight (calling the module would re-enter the hook).
+
+The source of a batch is set with :meth:`Fusion.source` (a context manager); it must stay set until ``backward()``
+returns, because gradient-checkpointed layers run their forward again during backward (the trainer wraps the whole
+training step). A fused projection called with no source set raises :class:`FusionError`: fusion can never be
+skipped silently (the original's Llama/Gemma training lost it under gradient checkpointing).
+
+Alignment (position-wise, as the original, see :func:`align`): right-padded encoders fuse token j with source token
+j. Left-padded decoders align the END of the source prompt with the end of the target prompt; target positions
+after the prompt (answer tokens in training, every decode step in generation) get the LAST source prompt position.
+So training, validation and test use one rule. Source padding positions are masked (zero), which makes a row's result
+independent of how the batch was padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FUSION_FNS = ("add", "add_relu", "mul", "cross-attention", "matmul", "matmul_relu")
+FUSION_FILE = "fusion_model.safetensors"
+
+
+class FusionError(RuntimeError):
+    """Fusion is configured but cannot run (no source set, lengths that do not line up, missing modules)."""
+
+
+# ---------------------------------------------------------------------------------------------- fusion functions
+class CrossAttentionFusion(nn.Module):
+    """r-dimensional multi-head cross-attention: query from the source, key and value from the target (as the
+    original: no output projection, no residual; output length = source length). Padded target keys are masked."""
+
+    def __init__(self, r: int, heads: int = 1, dropout: float = 0.0):
+        super().__init__()
+        if r % heads:
+            raise ValueError(f"--cross_attention_heads {heads} must divide --lora_r {r}")
+        self.heads, self.head_dim = heads, r // heads
+        self.query, self.key, self.value = nn.Linear(r, r), nn.Linear(r, r), nn.Linear(r, r)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, ls, r = s.shape
+        lt = t.shape[1]
+        q = self.query(s).view(b, ls, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Ls, dh)
+        k = self.key(t).view(b, lt, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Lt, dh)
+        v = self.value(t).view(b, lt, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Lt, dh)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, h, Ls, Lt)
+        if t_mask is not None:
+            scores = scores.masked_fill(~t_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = self.dropout(scores.softmax(-1))
+        return (probs @ v).transpose(1, 2).reshape(b, ls, r)  # (B, Ls, r)
+
+
+def fuse(fn: str, s: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor | None = None,
+         cross_attention: CrossAttentionFusion | None = None) -> torch.Tensor:
+    """phi(S, T) for S = A x_s and T = A x_t, both (B, L, r); returns (B, L, r)."""
+    if fn == "add":
+        return s + t
+    if fn == "add_relu":
+        return F.relu(s) + F.relu(t)
+    if fn == "mul":
+        return s * t
+    if fn in ("matmul", "matmul_relu"):
+        if fn == "matmul_relu":
+            s, t = F.relu(s), F.relu(t)
+        if t_mask is not None:
+            t = t * t_mask[..., None].to(t.dtype)  # padded target positions add nothing
+        return s @ t.transpose(-1, -2) @ t  # (B, Ls, r)(B, r, Lt)(B, Lt, r) -> (B, Ls, r)
+    if fn == "cross-attention":
+        if cross_attention is None:
+            raise FusionError("cross-attention fusion needs its module")
+        dtype = cross_attention.query.weight.dtype
+        return cross_attention(s.to(dtype), t.to(dtype), t_mask).to(t.dtype)
+    raise ValueError(f"unknown fusion function {fn!r}; choose one of: {', '.join(FUSION_FNS)}")
+
+
+# ---------------------------------------------------------------------------------------------- alignment
+def align(src_mask: torch.Tensor, tgt_mask: torch.Tensor, padding_side: str,
+          answer_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which source position each target position is fused with, and whether that pair is valid.
+
+    ``src_mask`` (B, Ls), ``tgt_mask`` (B, Lt): attention masks. ``answer_len`` (B,): tokens after the prompt in
+    the target (decoder training: answer + EOS), else 0. Returns ``index`` (B, Lt) and ``valid`` (B, Lt) bool.
+    """
+    b, ls = src_mask.shape
+    lt = tgt_mask.shape[1]
+    j = torch.arange(lt, device=tgt_mask.device).expand(b, lt)  # (B, Lt)
+    if padding_side == "right":
+        index = j
+    else:
+        n_after = answer_len if answer_len is not None else torch.zeros(b, dtype=torch.long, device=j.device)
+        prompt_end = (lt - 1 - n_after)[:, None]  # (B, 1) last target prompt position
+        index = torch.where(j > prompt_end, ls - 1, j - prompt_end + ls - 1)
+    inside = (index >= 0) & (index < ls)
+    index = index.clamp(0, ls - 1)
+    valid = inside & src_mask.gather(1, index).bool() & tgt_mask.bool()
+    return index, valid
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x (B, Ls, D) -> (B, Lt, D): x[b, index[b, j]], zero where not valid."""
+    out = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    return out * valid[..., None].to(out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- model structure
+def find_layers(model: nn.Module, suffix: str) -> nn.ModuleList:
+    """The transformer layer list whose dotted name ends with ``suffix`` (``layers``, ``encoder.layer``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith("." + suffix)):
+            return module
+    raise FusionError(f"no layer list named '*{suffix}' in {type(model).__name__}; fix 'layers' in its MODEL_SPECS "
+                      "row")
+
+
+def fused_projections(model: nn.Module, layers_suffix: str, targets: tuple[str, ...],
+                      adapter: str) -> list[tuple[int, str, nn.Module]]:
+    """(layer index, projection name, peft LoRA layer) for every fused projection of ``adapter``."""
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for i, layer in enumerate(find_layers(model, layers_suffix)):
+        for name, module in layer.named_modules():
+            if name.split(".")[-1] in targets and isinstance(module, LoraLayer) and adapter in module.lora_A:
+                found.append((i, name.split(".")[-1], module))
+    if not found:
+        raise FusionError(f"adapter {adapter!r} has no LoRA on the fusion targets {targets}; the new adapter's "
+                          "target modules must include them")
+    return found
+
+
+class MTEncoder:
+    """The frozen encoder of an NLLB (M2M100) model and its tokenizer (FLARE MT); never trained, never saved."""
+
+    def __init__(self, hub_id: str, device: str):
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(hub_id)
+        seq2seq = AutoModelForSeq2SeqLM.from_pretrained(hub_id, dtype=torch.float32)
+        self.encoder = seq2seq.get_encoder().to(device).eval().requires_grad_(False)
+        self.dim = seq2seq.config.d_model
+        self.device = device
+
+    def lang_token_id(self, code: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(code)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise FusionError(f"the MT tokenizer does not know the language code {code!r}")
+        return token_id
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids.to(self.device),
+                            attention_mask=attention_mask.to(self.device)).last_hidden_state  # (B, L, d_mt)
+
+
+class FusionModules(nn.Module):
+    """FLARE's own trainable modules: one cross-attention per fused projection, and the FLARE MT projection."""
+
+    def __init__(self, keys: list[str], fn: str, r: int, heads: int, dropout: float, mt_dim: int | None,
+                 d_model: int):
+        super().__init__()
+        self.cross_attention = (nn.ModuleDict({k: CrossAttentionFusion(r, heads, dropout) for k in keys})
+                                if fn == "cross-attention" else None)
+        self.proj = nn.Linear(mt_dim, d_model) if mt_dim else None  # d_mt -> model width
+
+
+@dataclass
+class _State:
+    sources: list[torch.Tensor] | torch.Tensor  # per layer (B, Lt, D), or one MT tensor (B, Lt, d_mt) for all
+    valid: torch.Tensor  # (B, Lt) bool
+    tgt_mask: torch.Tensor  # (B, Lt)
+
+    def for_layer(self, i: int) -> torch.Tensor:
+        return self.sources if isinstance(self.sources, torch.Tensor) else self.sources[i]
+
+
+class Fusion:
+    """Fusion of one adapter of a peft model: owns the hooks, the fusion modules and the per-batch source.
+
+    ``model`` is the peft model; the fusion modules are registered on it as ``flare_fusion`` so the optimizer
+    trains them, and saved beside the adapter in ``fusion_model.safetensors``.
+    """
+
+    def __init__(self, model: nn.Module, *, layers: str, targets: tuple[str, ...], adapter: str, fusion_fn: str,
+                 padding_side: str, cross_attention_heads: int = 1, attention_dropout: float = 0.0,
+                 mt_encoder: MTEncoder | None = None):
+        if fusion_fn not in FUSION_FNS:
+            raise ValueError(f"unknown fusion function {fusion_fn!r}; choose one of: {', '.join(FUSION_FNS)}")
+        self.model, self.adapter, self.fn = model, adapter, fusion_fn
+        self.layers_suffix, self.padding_side, self.mt = layers, padding_side, mt_encoder
+        self.projections = fused_projections(model, layers, targets, adapter)
+        first = self.projections[0][2]
+        r, d_model = first.r[adapter], first.in_features
+        device = first.lora_A[adapter].weight.device
+        self.modules = FusionModules([self._key(i, n) for i, n, _ in self.projections], fusion_fn, r,
+                                     cross_attention_heads, attention_dropout, mt_encoder.dim if mt_encoder else None,
+                                     d_model).to(device)
+        model.add_module("flare_fusion", self.modules)
+        self.calls = {"train": 0, "eval": 0}
+        self._state: _State | None = None
+        self._handles: list = []
+
+    @staticmethod
+    def _key(layer: int, name: str) -> str:
+        return f"{layer}_{name}"
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> Fusion:
+        if not self._handles:
+            for i, name, lora_layer in self.projections:
+                hook = self._make_hook(i, self._key(i, name), lora_layer.lora_dropout[self.adapter])
+                self._handles.append(lora_layer.lora_A[self.adapter].register_forward_hook(hook))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _make_hook(self, layer: int, key: str, dropout: nn.Module):
+        def hook(lora_a: nn.Linear, args, t: torch.Tensor) -> torch.Tensor:  # t = A(dropout(x_t)): (B, L, r)
+            state = self._state
+            if state is None:
+                raise FusionError("a fused LoRA projection ran without a fusion source; run the model inside "
+                                  "Fusion.source(batch) (or detach the fusion for plain LoRA)")
+            x_s, valid, t_mask = state.for_layer(layer), state.valid, state.tgt_mask
+            if t.shape[1] != x_s.shape[1]:
+                if t.shape[1] != 1:
+                    raise FusionError(f"target length {t.shape[1]} matches neither the source alignment "
+                                      f"({x_s.shape[1]}) nor a decode step (1)")
+                # decode step: the position aligned with the last prompt token (= the last source prompt position)
+                x_s, valid, t_mask = x_s[:, -1:], valid[:, -1:], torch.ones_like(valid[:, -1:])
+            s = self._down(lora_a, dropout, x_s) * valid[..., None].to(t.dtype)  # (B, L, r)
+            self.calls["train" if lora_a.training else "eval"] += 1
+            xattn = self.modules.cross_attention[key] if self.modules.cross_attention is not None else None
+            return fuse(self.fn, s, t, t_mask, xattn)
+
+        return hook
+
+    def _down(self, lora_a: nn.Linear, dropout: nn.Module, x_s: torch.Tensor) -> torch.Tensor:
+        """A(dropout(x_s)); for FLARE MT A(dropout(proj(x_mt))), folded into one (r x d_mt) map without dropout."""
+        weight, bias = lora_a.weight, lora_a.bias
+        proj = self.modules.proj
+        if proj is not None:
+            if isinstance(dropout, nn.Identity):
+                w = weight @ proj.weight.to(weight.dtype)  # (r, d_mt)
+                b = weight @ proj.bias.to(weight.dtype) + (bias if bias is not None else 0)
+                return F.linear(x_s.to(weight.dtype), w, b)
+            x_s = proj(x_s.to(proj.weight.dtype))
+        return F.linear(dropout(x_s.to(weight.dtype)), weight, bias)
+
+    # ------------------------------------------------------------------ per-batch source
+    @contextlib.contextmanager
+    def source(self, batch: dict):
+        """Set the fusion source for one batch (its target and ``src_*``/``mt_*`` fields) for the block's duration."""
+        if self._state is not None:
+            raise FusionError("nested Fusion.source")
+        tgt_mask = batch["attention_mask"]
+        answer_len = (batch["labels"] != -100).sum(-1) if "labels" in batch and batch["labels"].dim() == 2 else None
+        if self.mt is not None:
+            src_mask = batch["mt_attention_mask"].to(tgt_mask.device)
+            hidden = self.mt.encode(batch["mt_input_ids"], batch["mt_attention_mask"]).to(tgt_mask.device)
+            index, valid = align(src_mask, tgt_mask, self.padding_side, answer_len)
+            sources = gather_positions(hidden, index, valid)
+        else:
+            src_mask = batch["src_attention_mask"].to(tgt_mask.device)
+            index, valid = align(src_mask, tgt_mask, self.padding_side, answer_len)
+            sources = [gather_positions(h, index, valid) for h in self.capture(batch)]
+        self._state = _State(sources, valid, tgt_mask)
+        try:
+            yield
+        finally:
+            self._state = None
+
+    @torch.no_grad()
+    def capture(self, batch: dict) -> list[torch.Tensor]:
+        """Input hidden state of every layer for the ``src_*`` inputs, new adapter off: n_layers x (B, Ls, D)."""
+        captured: list[torch.Tensor] = []
+
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.append(hidden.detach())
+
+        layers = find_layers(self.model, self.layers_suffix)
+        handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
+        hf_model = self.model.get_base_model()
+        body = getattr(hf_model, hf_model.base_model_prefix)  # the transformer without its head (no logits)
+        inputs = {k[len("src_"):]: v for k, v in batch.items() if k.startswith("src_")}
+        if "use_cache" in inspect.signature(body.forward).parameters:
+            inputs["use_cache"] = False  # no KV cache for a single pass
+        try:
+            with self.model.disable_adapter():
+                body(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(captured) != len(layers):
+            raise FusionError(f"captured {len(captured)} layer inputs for {len(layers)} layers")
+        return captured
+
+    def batch_context(self, batch: dict) -> contextlib.AbstractContextManager:
+        return self.source(batch)
+
+    # ------------------------------------------------------------------ save / load
+    def has_weights(self) -> bool:
+        return any(True for _ in self.modules.parameters())
+
+    def save(self, out_dir: str | Path) -> None:
+        if not self.has_weights():
+            return
+        from safetensors.torch import save_file
+
+        from flare.common_args import atomic_write
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.modules.state_dict().items()}
+        atomic_write(Path(out_dir) / FUSION_FILE, lambda p: save_file(state, str(p)))
+
+    def load(self, ckpt_dir: str | Path) -> None:
+        """Load the fusion modules strictly (every tensor present, shapes equal)."""
+        if not self.has_weights():
+            return
+        from safetensors.torch import load_file
+
+        path = Path(ckpt_dir) / FUSION_FILE
+        if not path.is_file():
+            raise FusionError(f"{ckpt_dir}: no {FUSION_FILE}; this run's fusion modules were not saved there")
+        state = load_file(str(path))
+        try:
+            self.modules.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise FusionError(f"{path}: does not match this fusion configuration: {e}") from e
+        logger.info("loaded %d fusion tensors from %s", len(state), path)

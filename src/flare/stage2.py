@@ -1,0 +1,452 @@
+"""Stage 2: cross-lingual transfer from the stage-1 English model, in every mode of the paper. Entry point: ``run.py``.
+
+Modes (flags as the original's run.py):
+
+==================  =========================================================  ==========================
+mode                flags                                                      adapter (original's name)
+==================  =========================================================  ==========================
+zero-shot           ``--eval_zs --eval_only``                                  none (stage-1 model)
+translate-test      ``--translate-test --path_mt .../translate-en-<mt>``       none (stage-1 model)
+translate-train     ``--adapter lora --translate-train --path_mt ...``         ``lora-default``
+input-fusion        ... ``--input_fusion``                                     ``inputfusion``
+flare               ... ``--fusion_fn add|add_relu|mul|cross-attention|...``   ``flare-{fn}``
+flare-mt            ... ``--fusion_fn ... --fuse_mt --mt_model nllb-600m``     ``flare-fusemt``
+==================  =========================================================  ==========================
+
+Every mode loads ``--load_ckpt`` (a run directory of run_task_ft.py) and verifies that each adapter and head tensor
+loaded. Training modes merge the English task LoRA into the base weights (also into 4-bit weights) and train a new
+LoRA (+ the task head) on the translated training data. Writes ``{output_dir}/{run_name}/`` with
+``results_{zs|test}.json``, ``predictions_{zs|test}.jsonl``, ``run_config.json``, the new adapter
+(``adapter_model.safetensors``) and the fusion modules (``fusion_model.safetensors``: cross-attention, MT projection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flare.common_args import (
+    UsageError,
+    add_common_args,
+    check_bf16,
+    fail,
+    resolve_device,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from flare.config import TASKS, ModelSpec, model_name, resolve_model
+from flare.data import check_task_language
+from flare.models.fusion import FUSION_FNS
+
+logger = logging.getLogger("flare.run")
+
+MODES = ("zero-shot", "translate-test", "translate-train", "input-fusion", "flare", "flare-mt")
+ADAPTER_NAMES = {"translate-train": "lora-default", "input-fusion": "inputfusion", "flare-mt": "flare-fusemt"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Stage 2 of FLARE: transfer the English task model to a target "
+                                            "language (zero-shot, translate-test, translate-train LoRA, input-level "
+                                            "fusion, FLARE, FLARE MT).")
+    add_common_args(p)
+    p.set_defaults(adapter=None)
+    p.add_argument("--source_lang", default="en", help="source language of the stage-1 model (default en)")
+    p.add_argument("--target_lang", required=True, help="target language code (e.g. es, jav, sw)")
+    p.add_argument("--load_ckpt", default=None, help="REQUIRED: the stage-1 run directory (run_task_ft.py output)")
+    p.add_argument("--eval_zs", action="store_true",
+                   help="zero-shot: evaluate the stage-1 model on the target test set")
+    p.add_argument("--translate-test", dest="translate_test", action="store_true",
+                   help="translate-test: evaluate the stage-1 model on the target test set translated into English")
+    p.add_argument("--translate-train", dest="translate_train", action="store_true",
+                   help="train on the English training data translated into the target language (--path_mt)")
+    p.add_argument("--path_mt", default=None,
+                   help="translation folder of run_translate.py, translations/{task}/translate-{tgt}-{mt} (or "
+                        "translate-{src}-{mt}; the other direction is found beside it)")
+    p.add_argument("--train_split", default="train", choices=["train", "validation"],
+                   help="translated split to train on; 'validation' for local XNLI (data/ has no XNLI train set)")
+    p.add_argument("--fusion_fn", default=None, choices=FUSION_FNS,
+                   help="FLARE fusion function in the LoRA bottleneck (matmul/matmul_relu: undocumented in the paper)")
+    p.add_argument("--cross_attention_heads", type=int, default=1, help="heads of the cross-attention fusion")
+    p.add_argument("--fuse_mt", action="store_true",
+                   help="FLARE MT: fuse a frozen NLLB encoder's states of the target text (needs --fusion_fn, "
+                        "--mt_model)")
+    p.add_argument("--mt_model", default=None, help="FLARE MT encoder: nllb-600m, nllb-3.3b or a local NLLB folder")
+    p.add_argument("--input_fusion", action="store_true",
+                   help="input-level fusion baseline: English + target in one input, max_length doubled")
+    return p
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    task: str
+    mode: str
+    source_lang: str
+    target_lang: str
+    spec: ModelSpec
+    plm: str
+    plm_name: str
+    seed: int
+    device: str
+    quantize: str
+    max_length: int
+    optim: str
+    target_modules: tuple[str, ...]
+    adapter_name: str | None
+    fusion_fn: str | None
+    mt_spec: ModelSpec | None
+    path_mt: Path | None
+    run_name: str
+    run_dir: Path
+    load_ckpt: Path
+    prefix: str  # results_{prefix}.json: zs | test
+    args: dict
+
+    @property
+    def trains(self) -> bool:
+        return self.mode not in ("zero-shot", "translate-test")
+
+    def describe(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("spec", "mt_spec", "args")}
+        for key in ("run_dir", "load_ckpt", "path_mt"):
+            out[key] = str(out[key]) if out[key] is not None else None
+        out["hub_id"], out["family"], out["model_type"] = self.spec.hub_id, self.spec.family, self.spec.model_type
+        out["mt_model"] = self.mt_spec.hub_id if self.mt_spec else None
+        return out
+
+
+def resolve_mode(args: argparse.Namespace) -> str:
+    """The mode the flags ask for; contradictory or incomplete flags raise :class:`UsageError`."""
+    if args.fusion_fn and args.input_fusion:
+        raise UsageError("--fusion_fn and --input_fusion are two different methods; pass one of them")
+    if args.fuse_mt and not args.fusion_fn:
+        raise UsageError("--fuse_mt needs --fusion_fn (e.g. --fusion_fn add_relu): FLARE MT fuses with it")
+    if args.fuse_mt and not args.mt_model:
+        raise UsageError("--fuse_mt needs --mt_model (nllb-600m, nllb-3.3b or a local NLLB folder)")
+    if args.mt_model and not args.fuse_mt:
+        raise UsageError("--mt_model is only used by FLARE MT; add --fuse_mt --fusion_fn ... or drop --mt_model")
+    evals = [name for name, on in (("--eval_zs", args.eval_zs), ("--translate-test", args.translate_test)) if on]
+    trains = [name for name, on in (("--adapter", args.adapter), ("--fusion_fn", args.fusion_fn),
+                                    ("--input_fusion", args.input_fusion)) if on]
+    if len(evals) > 1 or (evals and trains):
+        raise UsageError(f"{' and '.join(evals + trains)} select different modes; run them separately")
+    if args.eval_zs:
+        return "zero-shot"
+    if args.translate_test:
+        return "translate-test"
+    if args.adapter is None:
+        if trains:
+            raise UsageError(f"{trains[0]} trains a new adapter: add --adapter lora")
+        raise UsageError("no mode selected: pass --eval_zs --eval_only (zero-shot), --translate-test, or --adapter "
+                         "lora --translate-train --path_mt ... [--input_fusion | --fusion_fn FN [--fuse_mt]]")
+    if args.adapter != "lora":
+        raise UsageError(f"--adapter {args.adapter!r} is not supported; the only adapter is 'lora'")
+    if args.input_fusion:
+        return "input-fusion"
+    if args.fusion_fn:
+        return "flare-mt" if args.fuse_mt else "flare"
+    return "translate-train"
+
+
+def run_name(args: argparse.Namespace, src: str, tgt: str, plm_name: str) -> str:
+    """The original's run name (reference section 6.1)."""
+    name = f"{args.task}-{src}-{tgt}-{plm_name}-{args.seed}"
+    if args.adapter:
+        name += f"-{args.adapter}-{args.lora_r}"
+    if args.fusion_fn:
+        name += f"_{args.fusion_fn}"
+    if args.path_mt:
+        name += f"-{Path(args.path_mt).name}"
+    for flag, suffix in (("translate_test", "-ttest"), ("translate_train", "-ttrain"), ("fuse_mt", "-fusemt"),
+                         ("input_fusion", "-inputfusion")):
+        if getattr(args, flag):
+            name += suffix
+    return name
+
+
+def resolve_config(args: argparse.Namespace) -> Stage2Config:
+    """Validate every flag and input path before any model is loaded; raises :class:`UsageError`."""
+    from flare.models.loading import CheckpointError, read_run_config
+
+    mode = resolve_mode(args)
+    spec = resolve_model(args.plm)
+    if spec.family == "seq2seq":
+        raise UsageError(f"--plm {args.plm} is a translation model; use it with --fuse_mt --mt_model")
+    src = check_task_language(args.task, args.source_lang)
+    tgt = check_task_language(args.task, args.target_lang)
+    if not args.load_ckpt:
+        fix = (f"python run_task_ft.py --task {args.task} --plm {args.plm} --lang {src} --seed {args.seed}")
+        raise UsageError(f"--load_ckpt is required: stage 2 starts from the stage-1 English model "
+                         f"(e.g. checkpoints/{args.task}-{src}-{model_name(args.plm)}-{args.seed}, made by: {fix})")
+    load_ckpt = Path(args.load_ckpt)
+    if not load_ckpt.is_dir():
+        raise UsageError(f"--load_ckpt {load_ckpt}: no such run directory (run run_task_ft.py first)")
+    try:
+        saved = read_run_config(load_ckpt)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from e
+    if saved.get("task") != args.task or saved.get("plm_name") != model_name(args.plm):
+        raise UsageError(f"--load_ckpt {load_ckpt} was trained for task {saved.get('task')!r} with model "
+                         f"{saved.get('plm_name')!r}, not {args.task!r} with {model_name(args.plm)!r}; pass the "
+                         "stage-1 run of this task and model")
+    if args.eval_zs and not args.eval_only:
+        logger.info("--eval_zs evaluates only (the original went on to train the task adapter without --eval_only)")
+    trains = mode not in ("zero-shot", "translate-test")
+    if trains and args.eval_only:
+        raise UsageError(f"--eval_only with mode {mode}: there is no trained stage-2 adapter to evaluate; drop "
+                         "--eval_only")
+    path_mt = Path(args.path_mt) if args.path_mt else None
+    if mode == "translate-test" and path_mt is None:
+        raise UsageError(f"--translate-test needs --path_mt translations/{args.task}/translate-{src}-<mt> (made by "
+                         f"run_translate.py --task {args.task} --source_lang {tgt} --target_lang {src})")
+    if trains and not (args.translate_train and path_mt):
+        raise UsageError(f"mode {mode} trains on translated data: pass --translate-train --path_mt "
+                         f"translations/{args.task}/translate-{tgt}-<mt> (made by run_translate.sh; "
+                         "--model reference gives the human translations of NusaX and XNLI)")
+    if path_mt is not None and not path_mt.parent.is_dir():
+        raise UsageError(f"--path_mt {path_mt}: folder {path_mt.parent} does not exist; run run_translate.py first")
+    mt_spec = None
+    if mode == "flare-mt":
+        mt_spec = resolve_model(args.mt_model)
+        if mt_spec.family != "seq2seq":
+            raise UsageError(f"--mt_model {args.mt_model} is not a translation (NLLB) model")
+    if args.cross_attention_heads <= 0 or args.lora_r % args.cross_attention_heads:
+        raise UsageError(f"--cross_attention_heads {args.cross_attention_heads} must be positive and divide "
+                         f"--lora_r {args.lora_r}")
+    for name in ("lora_r", "lora_alpha", "batch_size", "epochs"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive")
+    device = resolve_device(args.device)
+    check_bf16(args.bf16, device)
+    quantize = args.quantize or saved.get("quantize") or spec.quantize
+    max_length = args.max_length or saved.get("max_length") or TASKS[args.task].max_length
+    if mode == "input-fusion":
+        max_length *= 2
+    name = run_name(args, src, tgt, model_name(args.plm))
+    adapter_name = ADAPTER_NAMES.get(mode) or (f"flare-{args.fusion_fn}" if mode == "flare" else None)
+    return Stage2Config(
+        task=args.task, mode=mode, source_lang=src, target_lang=tgt, spec=spec, plm=args.plm,
+        plm_name=model_name(args.plm), seed=args.seed, device=device, quantize=quantize, max_length=max_length,
+        optim=args.optim or ("adamw_bnb_8bit" if quantize != "none" and device == "cuda" else "adamw_torch"),
+        target_modules=tuple(args.target_modules or spec.lora_targets), adapter_name=adapter_name,
+        fusion_fn=args.fusion_fn, mt_spec=mt_spec, path_mt=path_mt, run_name=name,
+        run_dir=Path(args.output_dir) / name, load_ckpt=load_ckpt, prefix="zs" if mode == "zero-shot" else "test",
+        args=vars(args).copy(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Stage2Data:
+    train: object | None  # datasets.Dataset
+    validation: object | None
+    test: object
+    counts: dict
+
+
+def load_data(cfg: Stage2Config) -> Stage2Data:
+    """Every dataset the mode needs, checked (files present, rows lining up) before a model is loaded."""
+    from flare.data import load_task
+    from flare.data.paired import (
+        paired_test,
+        paired_train,
+        read_translation,
+        split_qa_validation,
+        translate_test,
+        translation_dirs,
+    )
+
+    a, task, src, tgt = cfg.args, cfg.task, cfg.source_lang, cfg.target_lang
+
+    def limit(ds, n):
+        return ds.select(range(min(n, len(ds)))) if n else ds
+
+    try:
+        target_test = load_task(task, tgt, "test", a["data_dir"])
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    counts: dict = {}
+    if cfg.mode == "zero-shot":
+        return Stage2Data(None, None, limit(target_test, a["max_eval_samples"]), counts)
+    dirs = translation_dirs(cfg.path_mt, src, tgt)
+    with_source = cfg.mode in ("flare", "input-fusion")
+    if cfg.mode == "translate-test":
+        df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
+        pair = translate_test(task, target_test, df, str(dirs.backward))
+        counts["test_dropped_projection"] = pair.dropped
+        return Stage2Data(None, None, limit(pair.dataset, a["max_eval_samples"]), counts)
+
+    train_split = a["train_split"]
+    if task == "tydiqa" and train_split != "train":
+        raise UsageError("--train_split validation: TyDiQA translations have no validation file; its validation set "
+                         "is every 10th translated training row")
+    train_df = read_translation(dirs.forward, task, train_split, src, tgt, dirs.mt_name, need_source=with_source)
+    train = paired_train(task, train_df, with_source=with_source)
+    counts["train_dropped_projection"] = train.dropped
+    if task == "tydiqa":
+        train_ds, val_ds = split_qa_validation(train.dataset)
+    else:
+        if train_split == "validation":
+            logger.warning("--train_split validation: training AND validating on the translated validation set")
+        val_df = read_translation(dirs.forward, task, "validation", src, tgt, dirs.mt_name, need_source=with_source)
+        train_ds, val_ds = train.dataset, paired_train(task, val_df, with_source=with_source).dataset
+    if with_source:
+        df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
+        test = paired_test(task, target_test, df, str(dirs.backward)).dataset
+    else:  # translate-train LoRA and FLARE MT see only the target language at test time
+        test = target_test
+    return Stage2Data(limit(train_ds, a["max_train_samples"]), limit(val_ds, a["max_eval_samples"]),
+                      limit(test, a["max_eval_samples"]), counts)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(cfg: Stage2Config, tokenizer):
+    """(model, fusion): the stage-1 model verifiably loaded; for training modes its LoRA merged and a new adapter."""
+    from flare.models.fusion import Fusion, MTEncoder
+    from flare.models.loading import add_lora, load_checked, load_model, lora_config
+
+    a = cfg.args
+    base = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=a["bf16"],
+                      gradient_checkpointing=a["gradient_checkpointing"] and cfg.trains)
+    model = load_checked(base, cfg.load_ckpt, is_trainable=False, adapter_name="lora")
+    if not cfg.trains:
+        return model, None
+    merged = model.merge_and_unload()  # the English task LoRA becomes part of the (possibly 4-bit) base weights
+    # peft's adapter name stays "default" so Trainer checkpoints reload it; results record the original's name
+    model = add_lora(merged, lora_config(cfg.spec, cfg.task, r=a["lora_r"], alpha=a["lora_alpha"],
+                                         dropout=a["lora_dropout"], target_modules=cfg.target_modules,
+                                         freeze_head=a["freeze_lm_head"]))
+    if cfg.mode not in ("flare", "flare-mt"):
+        return model, None
+    config = model.get_base_model().config
+    mt = MTEncoder(cfg.mt_spec.hub_id, cfg.device) if cfg.mode == "flare-mt" else None
+    fusion = Fusion(model, layers=cfg.spec.layers, targets=cfg.spec.fusion_targets, adapter="default",
+                    fusion_fn=cfg.fusion_fn, padding_side=tokenizer.padding_side,
+                    cross_attention_heads=a["cross_attention_heads"],
+                    attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
+                                            or getattr(config, "attention_dropout", 0.0) or 0.0),
+                    mt_encoder=mt).attach()
+    return model, fusion
+
+
+def _features(cfg: Stage2Config, ds, tokenizer, fusion, train: bool):
+    from flare.data.stage2_features import stage2_features
+    from flare.languages import nllb_code
+
+    a = cfg.args
+    kwargs: dict = {}
+    if cfg.mode == "flare-mt":
+        code, fallback = nllb_code(cfg.target_lang, allow_fallback=True)
+        if fallback:
+            logger.warning("!!! NLLB has no code for %s: the MT encoder reads it as Indonesian (%s)", cfg.target_lang,
+                           code)
+        fusion.mt.lang_token_id(code)
+        kwargs = dict(mt_tokenizer=fusion.mt.tokenizer, mt_lang_code=code)
+    mode = cfg.mode if cfg.mode in ("flare", "flare-mt", "input-fusion") else "plain"
+    return ds.map(lambda b: stage2_features(b, task=cfg.task, spec=cfg.spec, tokenizer=tokenizer,
+                                            max_length=cfg.max_length, doc_stride=a["doc_stride"], train=train,
+                                            mode=mode, **kwargs),
+                  batched=True, remove_columns=ds.column_names, desc="train features" if train else "eval features")
+
+
+def run(cfg: Stage2Config) -> dict:
+    from transformers import set_seed
+
+    from flare.data.features import PadCollator
+    from flare.data.stage2_features import MT_PREFIX, SOURCE_PREFIX
+    from flare.evaluation import Evaluator
+    from flare.models.loading import count_parameters, load_tokenizer, save_adapter
+    from flare.stage1 import training_arguments
+    from flare.trainer import FlareTrainer
+
+    a, info = cfg.args, TASKS[cfg.task]
+    if a["report_to"] == "wandb":
+        os.environ.setdefault("WANDB_PROJECT", a["wandb_project"])
+    set_seed(cfg.seed)
+    data = load_data(cfg)  # every file checked before a model is loaded
+    tokenizer = load_tokenizer(cfg.spec)
+    model, fusion = build_model(cfg, tokenizer)
+    param_total, param_train = count_parameters(model)
+    logger.info("mode %s: %d parameters, %d trainable (%.3f%%)", cfg.mode, param_total, param_train,
+                100 * param_train / max(param_total, 1))
+    pad_values = {"mt_input_ids": fusion.mt.tokenizer.pad_token_id} if fusion is not None and fusion.mt else None
+
+    def evaluator(ds):
+        feats = _features(cfg, ds, tokenizer, fusion, train=False)
+        extra = tuple(c for c in feats.column_names if c.startswith((SOURCE_PREFIX, MT_PREFIX)))
+        return Evaluator(cfg.task, cfg.spec, tokenizer, ds, cfg.max_length, batch_size=a["batch_size"],
+                         doc_stride=a["doc_stride"], max_answer_length=a["max_answer_length"],
+                         generate_max_tokens=a["generate_max_tokens"], features=feats,
+                         batch_context=fusion.batch_context if fusion else None, extra_columns=extra,
+                         pad_values=pad_values)
+
+    results: dict = dict(data.counts)
+    if cfg.trains:
+        feats = _features(cfg, data.train, tokenizer, fusion, train=True)
+        label_names = ("labels",) if cfg.spec.family == "decoder" or info.kind == "cls" else (
+            "start_positions", "end_positions")
+        source_cols = tuple(c for c in feats.column_names if c.startswith((SOURCE_PREFIX, MT_PREFIX)))
+        keep = ("input_ids", "attention_mask", "token_type_ids", *label_names, *source_cols)
+        val_eval = evaluator(data.validation)
+        trainer = FlareTrainer(
+            model=model, args=training_arguments(cfg, len(feats), label_names, info.best_metric),
+            train_dataset=feats, eval_dataset=val_eval.features,
+            data_collator=PadCollator(tokenizer.pad_token_id, tokenizer.padding_side, keep=keep,
+                                      pad_values=pad_values),
+            processing_class=tokenizer, evaluator=val_eval, fusion=fusion, source_columns=source_cols,
+        )
+        resume = a["resume_from_checkpoint"]
+        t0 = time.time()
+        train_out = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+        results.update(train_runtime=time.time() - t0, train_loss=train_out.training_loss,
+                       train_steps=trainer.state.global_step, best_checkpoint=trainer.state.best_model_checkpoint,
+                       n_train=len(data.train), n_train_features=len(feats), n_validation=len(data.validation))
+        save_adapter(model, cfg.run_dir)
+        if fusion is not None:
+            fusion.save(cfg.run_dir)
+    calls_train = fusion.calls["train"] if fusion else 0
+
+    test_eval = evaluator(data.test)
+    t0 = time.time()
+    predictions = test_eval.predict(model)
+    metrics = test_eval.score(predictions)
+    results.update({f"test_{k}": v for k, v in metrics.items()})
+    results.update(test_runtime=time.time() - t0, n_test=len(data.test), param_total=param_total,
+                   param_train=param_train, run_name=cfg.run_name, mode=cfg.mode,
+                   fusion_calls_train=calls_train, fusion_calls_eval=fusion.calls["eval"] if fusion else 0)
+    results.update({k: v for k, v in cfg.describe().items() if k not in results})
+    results["args"] = a
+    if fusion is not None and (results["fusion_calls_eval"] == 0 or (cfg.trains and calls_train == 0)):
+        raise RuntimeError(f"fusion did not run (train {calls_train}, eval {results['fusion_calls_eval']} calls)")
+    write_json_atomic(cfg.run_dir / "run_config.json", cfg.describe() | {"args": a})
+    write_jsonl_atomic(cfg.run_dir / f"predictions_{cfg.prefix}.jsonl", test_eval.records(predictions))
+    write_json_atomic(cfg.run_dir / f"results_{cfg.prefix}.json", results)
+    logger.info("%s %s: %s", cfg.mode, cfg.target_lang, {k: round(v, 4) for k, v in metrics.items()})
+    logger.info("wrote %s", cfg.run_dir)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flare.data.paired import TranslationDataError
+    from flare.models.loading import CheckpointError
+
+    try:
+        cfg = resolve_config(args)
+    except (UsageError, ValueError) as e:
+        return fail(str(e))
+    try:
+        run(cfg)  # loads and checks the data before any model
+    except (UsageError, CheckpointError, TranslationDataError, FileNotFoundError) as e:
+        return fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Helpers shared by the stage-2 tests: identity "translations" for TyDiQA (no real MT can project answers here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flare.data import load_task
+from flare.translate import output_path
+
+
+def write_identity_tydiqa(out: Path, data_dir: Path, tgt: str = "sw", model: str = "identity", n: int = 40) -> Path:
+    """translate-{tgt}-identity/train_en-{tgt} (English copied as the 'translation') and translate-en-identity/
+    test_{tgt}-en, in run_translate.py's exact schema; returns the forward folder."""
+    for src, t, split in (("en", tgt, "train"), (tgt, "en", "test")):
+        ds = load_task("tydiqa", src, split, data_dir)
+        ds = ds.select(range(min(n, len(ds))) if split == "train" else range(len(ds)))
+        df = ds.to_pandas()
+        df["context_translated"], df["question_translated"] = df["context"], df["question"]
+        df["answers_translated"] = [{"text": list(a["text"][:1]), "answer_start": [int(a["answer_start"][0])]}
+                                    for a in df["answers"]]
+        df["language"] = src
+        path = output_path(out, "tydiqa", split, src, t, model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_parquet(path, index=False)
+    return out / "tydiqa" / f"translate-{tgt}-{model}"
