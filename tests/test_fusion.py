@@ -1,0 +1,247 @@
+"""Invariants of the FLARE fusion (flare.models.fusion) on tiny real transformers + peft models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from flare.config import resolve_model
+from flare.models.fusion import (
+    FUSION_FILE,
+    CrossAttentionFusion,
+    Fusion,
+    FusionError,
+    MTEncoder,
+    align,
+    fuse,
+)
+from flare.models.loading import load_model, load_tokenizer, lora_config
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+def test_align_right_padding_is_position_wise_and_masks_padding():
+    src = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    tgt = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    index, valid = align(src, tgt, "right")
+    assert index[0].tolist() == [0, 1, 2, 3, 3]
+    assert valid.tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
+
+
+def test_align_left_padding_aligns_prompt_ends_and_maps_answers_to_last_source_position():
+    # source prompts (left padded, Ls=4): row 0 has 2 tokens, row 1 has 4
+    src = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    # targets (Lt=6): row 0 = 3 prompt + 2 answer tokens; row 1 = 4 prompt + 2 answer
+    tgt = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    index, valid = align(src, tgt, "left", answer_len=torch.tensor([2, 2]))
+    # row 0: target prompt end at 3 <-> source 3; positions 4, 5 (answer) -> 3 (last source prompt position)
+    assert index[0].tolist() == [0, 1, 2, 3, 3, 3]
+    assert valid[0].tolist() == [False, False, True, True, True, True]  # target pad (0) and source pad (1)
+    assert index[1].tolist() == [0, 1, 2, 3, 3, 3]
+    # evaluation (prompt only): the same prompt alignment
+    index_eval, _ = align(src, tgt[:, :4], "left")
+    assert index_eval[0].tolist() == [0, 1, 2, 3]
+
+
+def test_fusion_functions():
+    s, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch.equal(fuse("add", torch.zeros_like(s), t), t)
+    assert torch.equal(fuse("add_relu", s, t), s.relu() + t.relu())
+    assert torch.equal(fuse("mul", s, t), s * t)
+    assert fuse("matmul", s, t).shape == (2, 3, 4)
+    xattn = CrossAttentionFusion(4, heads=2)
+    out = fuse("cross-attention", s, t, torch.tensor([[1, 1, 0], [1, 1, 1]]), xattn)
+    assert out.shape == (2, 3, 4)
+    # a masked target key changes nothing
+    t2 = t.clone()
+    t2[0, 2] = 100.0
+    out2 = fuse("cross-attention", s, t2, torch.tensor([[1, 1, 0], [1, 1, 1]]), xattn)
+    assert torch.allclose(out[0], out2[0])
+    with pytest.raises(ValueError, match="unknown fusion function"):
+        fuse("mul_relu", s, t)
+
+
+# ---------------------------------------------------------------------------------------------- on models
+def _model(tiny_models, family, task="nusax", **kwargs):
+    spec = resolve_model(str(tiny_models / family))
+    tok = load_tokenizer(spec)
+    base = load_model(spec, task, quantize="none", device="cpu", bf16=False, **kwargs)
+    cfg = lora_config(spec, task, r=4, alpha=8, dropout=0.0, target_modules=None, freeze_head=False)
+    return spec, tok, get_peft_model(base, cfg)
+
+
+def _batch(tok, texts, src_texts):
+    t = tok(texts, return_tensors="pt", padding=True)
+    s = tok(src_texts, return_tensors="pt", padding=True)
+    return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"],
+            "src_input_ids": s["input_ids"], "src_attention_mask": s["attention_mask"]}
+
+
+TEXTS = ["aku seneng banget karo panganan iki", "ora apik"]
+SOURCES = ["I really like this food very much", "not good at all"]
+
+
+def _randomise_b(model):
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+
+
+def _logits(model, batch, fusion=None):
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    ctx = fusion.source(batch) if fusion is not None else torch.no_grad()
+    with torch.no_grad(), ctx:
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("family", ["xlm-roberta", "llama"])
+def test_fresh_adapter_changes_nothing_and_fusion_is_active_and_removable(tiny_models, family):
+    spec, tok, model = _model(tiny_models, family)
+    model.eval()
+    batch = _batch(tok, TEXTS, SOURCES)
+    with model.disable_adapter():
+        base = _logits(model, batch)
+    fusion = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn="add_relu",
+                    padding_side=tok.padding_side).attach()
+    # B = 0: the fused adapter leaves the model unchanged, whatever the source
+    assert torch.allclose(_logits(model, batch, fusion), base, atol=1e-6)
+    assert fusion.calls == {"train": 0, "eval": len(fusion.projections)}  # one forward: every q/v projection fused
+
+    _randomise_b(model)
+    fusion.detach()
+    plain = _logits(model, batch)
+    fusion.attach()
+    fused = _logits(model, batch, fusion)
+    assert not torch.allclose(fused, plain, atol=1e-4), "fusion had no effect"
+    # a different source gives a different output: the source really reaches the projections
+    other = dict(batch, **{k: v for k, v in _batch(tok, TEXTS, ["something else entirely", "yes"]).items()
+                           if k.startswith("src_")})
+    assert not torch.allclose(_logits(model, other, fusion), fused, atol=1e-4)
+    # a fused projection without a source is an error, never a silent plain-LoRA pass
+    with pytest.raises(FusionError, match="without a fusion source"):
+        _logits(model, batch)
+    # removing the hooks restores plain LoRA exactly
+    fusion.detach()
+    assert torch.equal(_logits(model, batch), plain)
+
+
+def test_add_with_zero_source_equals_plain_lora(tiny_models):
+    spec, tok, model = _model(tiny_models, "xlm-roberta")
+    model.eval()
+    _randomise_b(model)
+    batch = _batch(tok, TEXTS, SOURCES)
+    plain = _logits(model, batch)
+    fusion = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn="add",
+                    padding_side=tok.padding_side).attach()
+    zero_source = dict(batch, src_attention_mask=torch.zeros_like(batch["src_attention_mask"]))  # every x_s masked
+    assert torch.allclose(_logits(model, zero_source, fusion), plain, atol=1e-6)
+    assert not torch.allclose(_logits(model, batch, fusion), plain, atol=1e-4)
+
+
+def _grads(model, fusion, batch, labels):
+    model.zero_grad()
+    model.train()
+    with fusion.source(batch):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_keeps_fusion_and_gradients(tiny_models):
+    spec, tok, model = _model(tiny_models, "llama", task="nusax")
+    _randomise_b(model)
+    fusion = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn="add_relu",
+                    padding_side=tok.padding_side).attach()
+    batch = _batch(tok, TEXTS, SOURCES)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    hf = model.get_base_model()
+    loss0, grads0 = _grads(model, fusion, batch, labels)
+    calls0 = fusion.calls["train"]
+    assert calls0 == len(fusion.projections)
+    for reentrant in (False, True):
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        hf.enable_input_require_grads()
+        assert hf.model.layers[0].gradient_checkpointing and hf.is_gradient_checkpointing
+        before = fusion.calls["train"]
+        loss, grads = _grads(model, fusion, batch, labels)
+        assert fusion.calls["train"] - before >= len(fusion.projections)  # forward (+ recomputation) fused
+        assert loss == pytest.approx(loss0, abs=1e-6)
+        lora = [n for n in grads0 if "lora_" in n]
+        assert lora and all(torch.allclose(grads[n], grads0[n], atol=1e-6) for n in lora)
+        hf.gradient_checkpointing_disable()
+    # plain LoRA (hooks removed) gives another loss: the fusion was in the graph
+    fusion.detach()
+    model.zero_grad()
+    assert model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=labels).loss.item() != pytest.approx(loss0, abs=1e-6)
+
+
+def test_generation_uses_the_training_alignment(tiny_models):
+    """Teacher-forced training logits of prompt + answer equal prefill + decode-step logits (same fusion rule)."""
+    spec, tok, model = _model(tiny_models, "llama")
+    model.eval()
+    _randomise_b(model)
+    fusion = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn="add_relu",
+                    padding_side=tok.padding_side).attach()
+    prompt = tok("ora apik\nSentiment: ")["input_ids"]
+    answer = tok("negative", add_special_tokens=False)["input_ids"][:2]
+    src = tok("not good\nSentiment: ")["input_ids"]
+    full = torch.tensor([prompt + answer])
+    batch = {"input_ids": full, "attention_mask": torch.ones_like(full),
+             "labels": torch.tensor([[-100] * len(prompt) + answer]),
+             "src_input_ids": torch.tensor([src]), "src_attention_mask": torch.ones(1, len(src), dtype=torch.long)}
+    with torch.no_grad(), fusion.source(batch):
+        train_logits = model(input_ids=full, attention_mask=batch["attention_mask"]).logits
+    p = torch.tensor([prompt])
+    gen_batch = {"input_ids": p, "attention_mask": torch.ones_like(p), "src_input_ids": batch["src_input_ids"],
+                 "src_attention_mask": batch["src_attention_mask"]}
+    with torch.no_grad(), fusion.source(gen_batch):
+        out = model(input_ids=p, attention_mask=torch.ones_like(p), use_cache=True)
+        assert torch.allclose(out.logits[0, -1], train_logits[0, len(prompt) - 1], atol=1e-5)
+        cache, mask = out.past_key_values, torch.ones(1, len(prompt) + 1, dtype=torch.long)
+        step = model(input_ids=torch.tensor([[answer[0]]]), attention_mask=mask, past_key_values=cache, use_cache=True)
+        assert torch.allclose(step.logits[0, -1], train_logits[0, len(prompt)], atol=1e-5)
+        # and generate() runs the same prefill/decode path under the fusion
+        generated = model.generate(input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=3,
+                                   do_sample=False, pad_token_id=tok.pad_token_id)
+    assert generated.shape[1] > p.shape[1]
+
+
+@pytest.mark.parametrize("fn,mt", [("cross-attention", False), ("add", True), ("cross-attention", True)])
+def test_fusion_modules_survive_save_and_load(tiny_models, tmp_path, fn, mt):
+    spec, tok, model = _model(tiny_models, "xlm-roberta")
+    encoder = MTEncoder(str(tiny_models / "nllb"), "cpu") if mt else None
+    kwargs = dict(layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn=fn,
+                  padding_side=tok.padding_side, cross_attention_heads=2, mt_encoder=encoder)
+    fusion = Fusion(model, **kwargs)
+    state = {k: v.clone() for k, v in fusion.modules.state_dict().items()}
+    assert state and any(p.requires_grad for p in fusion.modules.parameters())
+    assert all(f"flare_fusion.{k}" in dict(model.named_parameters()) for k in fusion.modules.state_dict())
+    fusion.save(tmp_path)
+    assert (tmp_path / FUSION_FILE).is_file()
+    _, _, model2 = _model(tiny_models, "xlm-roberta")
+    other = Fusion(model2, **kwargs)
+    assert not all(torch.equal(v, other.modules.state_dict()[k]) for k, v in state.items())
+    other.load(tmp_path)
+    assert all(torch.equal(v, other.modules.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(FusionError, match=FUSION_FILE):
+        other.load(tmp_path / "nowhere")
+
+
+def test_mt_fusion_gets_gradients_in_its_projection(tiny_models):
+    spec, tok, model = _model(tiny_models, "xlm-roberta")
+    _randomise_b(model)
+    mt = MTEncoder(str(tiny_models / "nllb"), "cpu")
+    fusion = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn="add",
+                    padding_side=tok.padding_side, mt_encoder=mt).attach()
+    t = tok(TEXTS, return_tensors="pt", padding=True)
+    mt.tokenizer.src_lang = "jav_Latn"
+    m = mt.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    assert m["input_ids"][0, 0].item() == mt.lang_token_id("jav_Latn")  # tagged with the text's real language
+    batch = {**t, "mt_input_ids": m["input_ids"], "mt_attention_mask": m["attention_mask"]}
+    model.train()
+    with fusion.source(batch):
+        model(**t, labels=torch.tensor([0, 1])).loss.backward()
+    assert fusion.modules.proj.weight.grad is not None and fusion.modules.proj.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in mt.encoder.parameters())

@@ -1,0 +1,327 @@
+"""run.py end to end on tiny encoder and decoder models with real data and real translation files; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+from stage2_helpers import write_identity_tydiqa
+
+from flare import stage1, stage2
+from flare.models.fusion import FUSION_FILE
+from flare.translate import TranslateJob, run_job
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+FAST = ["--data_dir", str(DATA), "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "2",
+        "--batch_size", "8", "--lr", "1e-3", "--seed", "3"]
+QA = ["--max_length", "192", "--doc_stride", "64", "--generate_max_tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_models):
+    """Stage-1 runs of tiny models and translation files, as the scripts would leave them."""
+    root = tmp_path_factory.mktemp("stage2")
+    ck, tr = root / "ck", root / "translations"
+    for family, task, extra in (("xlm-roberta", "nusax", []), ("llama", "nusax", ["--quantize", "4bit"]),
+                                ("gemma2", "tydiqa", QA), ("xlm-roberta", "tydiqa", QA)):
+        assert stage1.main(["--task", task, "--plm", str(tiny_models / family), "--output_dir", str(ck),
+                            *FAST, *extra]) == 0
+    for src, tgt in (("en", "jav"), ("jav", "en")):  # human translations of the parallel NusaX corpus
+        run_job(TranslateJob("nusax", src, tgt, "reference", output_dir=tr, data_dir=str(DATA)))
+    write_identity_tydiqa(tr, DATA)
+    return {"root": root, "ck": ck, "tr": tr, "models": tiny_models}
+
+
+def run2(world, family, task, *extra, tgt=None, out=None):
+    tgt = tgt or {"nusax": "jav", "tydiqa": "sw"}[task]
+    argv = ["--task", task, "--plm", str(world["models"] / family), "--target_lang", tgt,
+            "--output_dir", str(out or world["ck"]), "--load_ckpt", str(world["ck"] / f"{task}-en-{family}-3"),
+            *FAST, *(QA if task == "tydiqa" else []), *extra]
+    return stage2.main(argv)
+
+
+def results(world, name, prefix="test"):
+    run_dir = world["ck"] / name
+    return run_dir, json.loads((run_dir / f"results_{prefix}.json").read_text())
+
+
+def train_flags(world, task, tgt, mt="reference"):
+    return ["--adapter", "lora", "--translate-train", "--path_mt", str(world["tr"] / task / f"translate-{tgt}-{mt}")]
+
+
+MODES = {
+    # mode: (extra flags given the train flags, run-name suffix, adapter name)
+    "translate-train": ([], "-lora-8-translate-jav-reference-ttrain", "lora-default"),
+    "input-fusion": (["--input_fusion"], "-lora-8-translate-jav-reference-ttrain-inputfusion", "inputfusion"),
+    "flare": (["--fusion_fn", "add_relu"], "-lora-8_add_relu-translate-jav-reference-ttrain", "flare-add_relu"),
+    "flare-mt": (["--fusion_fn", "cross-attention", "--fuse_mt", "--mt_model", "MT"],
+                 "-lora-8_cross-attention-translate-jav-reference-ttrain-fusemt", "flare-fusemt"),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_training_modes_encoder(world, mode):
+    extra, suffix, adapter = MODES[mode]
+    extra = [str(world["models"] / "nllb") if e == "MT" else e for e in extra]
+    assert run2(world, "xlm-roberta", "nusax", *train_flags(world, "nusax", "jav"), *extra) == 0
+    run_dir, res = results(world, f"nusax-en-jav-xlm-roberta-3{suffix}")
+    assert res["mode"] == mode and res["adapter_name"] == adapter and res["run_name"] == run_dir.name
+    assert 0 <= res["test_accuracy"] <= 1 and 0 <= res["test_f1"] <= 1 and res["n_test"] == 8
+    assert res["param_total"] > res["param_train"] > 0 and res["args"]["target_lang"] == "jav"
+    assert not any(k.startswith("test_test_") for k in res)
+    if mode.startswith("flare"):
+        # 2 steps x 2 layers x (query, value); eval: validation (2x) + test
+        assert res["fusion_calls_train"] == 2 * 2 * 2 and res["fusion_calls_eval"] > 0
+    else:
+        assert res["fusion_calls_train"] == res["fusion_calls_eval"] == 0
+    saved = load_file(str(run_dir / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in saved) and any("classifier" in k for k in saved)
+    assert (run_dir / FUSION_FILE).is_file() == (mode == "flare-mt")  # cross-attention + MT projection
+    if mode == "flare-mt":
+        fusion = load_file(str(run_dir / FUSION_FILE))
+        assert "proj.weight" in fusion and any("cross_attention" in k for k in fusion)
+    lines = (run_dir / "predictions_test.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+
+
+def test_zero_shot_and_translate_test(world):
+    assert run2(world, "xlm-roberta", "nusax", "--eval_zs", "--eval_only") == 0
+    run_dir, res = results(world, "nusax-en-jav-xlm-roberta-3", "zs")
+    assert res["mode"] == "zero-shot" and "test_accuracy" in res and (run_dir / "predictions_zs.jsonl").is_file()
+    assert run2(world, "xlm-roberta", "nusax", "--translate-test", "--path_mt",
+                str(world["tr"] / "nusax" / "translate-en-reference")) == 0
+    _, res = results(world, "nusax-en-jav-xlm-roberta-3-translate-en-reference-ttest")
+    assert res["mode"] == "translate-test"
+
+
+def test_nusax_translate_test_reads_the_translation(world):
+    """Regression: the original evaluated NusaX translate-test on the untranslated target data (if/elif slip)."""
+    from flare.data import load_task
+
+    args = stage2.build_parser().parse_args(
+        ["--task", "nusax", "--plm", str(world["models"] / "xlm-roberta"), "--target_lang", "jav", "--seed", "3",
+         "--load_ckpt", str(world["ck"] / "nusax-en-xlm-roberta-3"), "--data_dir", str(DATA), "--translate-test",
+         "--path_mt", str(world["tr"] / "nusax" / "translate-en-reference")])
+    data = stage2.load_data(stage2.resolve_config(args))
+    english, javanese = load_task("nusax", "en", "test", DATA), load_task("nusax", "jav", "test", DATA)
+    assert list(data.test["text"]) == list(english["text"]) != list(javanese["text"])
+    assert list(data.test["label"]) == list(javanese["label"])
+
+
+@pytest.mark.parametrize("family,task", [("xlm-roberta", "nusax"), ("llama", "nusax"), ("gemma2", "tydiqa")])
+def test_zero_shot_on_english_reproduces_stage1(world, family, task, tmp_path):
+    """The stage-1 checkpoint is really loaded (the original never loaded it for LLM TyDiQA)."""
+    assert run2(world, family, task, "--eval_zs", "--eval_only", tgt="en", out=tmp_path) == 0
+    zs = json.loads((tmp_path / f"{task}-en-en-{family}-3" / "results_zs.json").read_text())
+    s1 = json.loads((world["ck"] / f"{task}-en-{family}-3" / "results_test.json").read_text())
+    metrics = [k for k in s1 if k.startswith("test_") and k != "test_runtime"]
+    assert metrics and all(zs[k] == s1[k] for k in metrics)
+    preds = (tmp_path / f"{task}-en-en-{family}-3" / "predictions_zs.jsonl").read_text()
+    assert preds == (world["ck"] / f"{task}-en-{family}-3" / "predictions_test.jsonl").read_text()
+
+
+def test_qlora_decoder_trains_flare_with_gradient_checkpointing(world):
+    assert run2(world, "llama", "nusax", *train_flags(world, "nusax", "jav"), "--fusion_fn", "add_relu",
+                "--gradient_checkpointing") == 0
+    _, res = results(world, "nusax-en-jav-llama-3-lora-8_add_relu-translate-jav-reference-ttrain")
+    assert res["quantize"] == "4bit" and res["mode"] == "flare"
+    assert res["fusion_calls_train"] >= 2 * 2 * 2 and res["fusion_calls_eval"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["translate-train", "input-fusion", "flare-mt"])
+def test_training_modes_decoder(world, mode):
+    extra, suffix, _ = MODES[mode]
+    extra = [str(world["models"] / "nllb") if e == "MT" else e for e in extra]
+    assert run2(world, "llama", "nusax", *train_flags(world, "nusax", "jav"), *extra) == 0
+    _, res = results(world, f"nusax-en-jav-llama-3{suffix}")
+    assert res["mode"] == mode and 0 <= res["test_f1"] <= 1
+
+
+@pytest.mark.parametrize("family", ["gemma2", "xlm-roberta"])
+def test_tydiqa_modes(world, family):
+    # zero-shot needs no translation files (the original crashed without --translate-train)
+    assert run2(world, family, "tydiqa", "--eval_zs", "--eval_only") == 0
+    flags = ["--adapter", "lora", "--translate-train", "--path_mt", str(world["tr"] / "tydiqa" / "translate-sw-identity")]
+    assert run2(world, family, "tydiqa", *flags, "--fusion_fn", "add") == 0
+    _, res = results(world, f"tydiqa-en-sw-{family}-3-lora-8_add-translate-sw-identity-ttrain")
+    assert res["fusion_calls_train"] > 0 and res["fusion_calls_eval"] > 0
+    assert 0 <= res["test_exact_match"] <= 1 and 0 <= res["test_f1"] <= 1
+    assert res["n_train"] == 16 and res["n_validation"] == 4  # every 10th of the 40 translated rows validates
+    if family == "xlm-roberta":
+        assert run2(world, family, "tydiqa", *flags, "--input_fusion") == 0
+        assert run2(world, family, "tydiqa", "--translate-test", "--path_mt",
+                    str(world["tr"] / "tydiqa" / "translate-en-identity")) == 0
+
+
+def test_qa_validation_is_every_tenth_translated_row():
+    import datasets
+
+    from flare.data.paired import split_qa_validation
+
+    train, val = split_qa_validation(datasets.Dataset.from_dict({"id": [str(i) for i in range(30)]}))
+    assert list(val["id"]) == ["9", "19", "29"] and len(train) == 27 and not set(val["id"]) & set(train["id"])
+
+
+def test_failed_answer_projections_are_dropped_and_counted(world, tmp_path):
+    folder = tmp_path / "tr" / "tydiqa" / "translate-sw-identity"
+    folder.mkdir(parents=True)
+    src = world["tr"] / "tydiqa" / "translate-sw-identity" / "train_en-sw.parquet"
+    df = pd.read_parquet(src)
+    df.loc[:4, "answers_translated"] = [{"text": [""], "answer_start": [-1]}] * 5
+    df.to_parquet(folder / "train_en-sw.parquet", index=False)
+    assert run2(world, "xlm-roberta", "tydiqa", "--adapter", "lora", "--translate-train", "--path_mt", str(folder),
+                "--max_train_samples", "100", out=tmp_path / "ck") == 0
+    res = json.loads(next((tmp_path / "ck").glob("*/results_test.json")).read_text())
+    assert res["train_dropped_projection"] == 5 and res["n_train"] + res["n_validation"] == len(df) - 5
+
+
+def test_flare_mt_needs_no_english_text(world, tmp_path):
+    folder = tmp_path / "tr" / "nusax" / "translate-jav-reference"
+    folder.mkdir(parents=True)
+    for name in ("train_en-jav.parquet", "val_en-jav.parquet"):
+        df = pd.read_parquet(world["tr"] / "nusax" / "translate-jav-reference" / name)
+        df.drop(columns=["text"]).to_parquet(folder / name, index=False)  # the English column is gone
+    assert run2(world, "xlm-roberta", "nusax", "--adapter", "lora", "--translate-train", "--path_mt", str(folder),
+                "--fusion_fn", "add", "--fuse_mt", "--mt_model", str(world["models"] / "nllb"),
+                out=tmp_path / "ck") == 0
+    res = json.loads(next((tmp_path / "ck").glob("*/results_test.json")).read_text())
+    assert res["mode"] == "flare-mt" and res["fusion_calls_train"] > 0 and res["fusion_calls_eval"] > 0
+
+
+@pytest.mark.slow
+def test_flare_on_tiny_nllb_translations(world, tmp_path):
+    tr = tmp_path / "tr"
+    for src, tgt, splits in (("en", "sun", ("train", "validation")), ("sun", "en", ("test",))):
+        run_job(TranslateJob("nusax", src, tgt, str(world["models"] / "nllb"), output_dir=tr, data_dir=str(DATA),
+                             splits=splits, max_length=12, batch_size=64,
+                             max_samples=None if src == "sun" else 24))
+    out = tmp_path / "ck"
+    assert run2(world, "xlm-roberta", "nusax", "--adapter", "lora", "--translate-train", "--path_mt",
+                str(tr / "nusax" / "translate-sun-nllb"), "--fusion_fn", "mul", tgt="sun", out=out) == 0
+    res = json.loads(next(out.glob("*/results_test.json")).read_text())
+    assert res["fusion_calls_train"] > 0 and res["fusion_calls_eval"] > 0
+
+
+def test_train_flare_sh_runs_with_overrides(world, tmp_path):
+    env = dict(os.environ, TASK="nusax", PLM=str(world["models"] / "xlm-roberta"), TGT="jav", MODE="flare",
+               FUSION_FN="mul", MT="reference", SEED="3", OUTPUT_DIR=str(world["ck"]), TRANSLATIONS=str(world["tr"]),
+               DATA_DIR=str(DATA), BF16="0", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", "train_flare.sh", "--max_train_samples", "16", "--max_eval_samples", "8",
+                           "--max_steps", "2", "--batch_size", "8"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--load_ckpt" in proc.stdout  # the original script forgot it and crashed
+    _, res = results(world, "nusax-en-jav-xlm-roberta-3-lora-8_mul-translate-jav-reference-ttrain")
+    assert res["mode"] == "flare" and res["fusion_calls_train"] > 0
+    bad = subprocess.run(["bash", "train_flare.sh"], cwd=REPO, env=dict(env, MODE="nope"), capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown MODE" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def bad(world, tmp_path, capsys, *argv, family="xlm-roberta", task="nusax", load=True):
+    out = tmp_path / "out"
+    args = ["--task", task, "--plm", str(world["models"] / family), "--target_lang", "jav", "--seed", "3",
+            "--data_dir", str(DATA), "--output_dir", str(out), *argv]
+    if load:
+        args += ["--load_ckpt", str(world["ck"] / f"{task}-en-{family}-3")]
+    code = stage2.main(args)
+    assert code == 2
+    assert not out.exists() or not any(out.iterdir()), "a failed run wrote files"
+    return capsys.readouterr().err
+
+
+def test_flare_without_translation_files_names_the_command(world, tmp_path, capsys):
+    err = bad(world, tmp_path, capsys, "--adapter", "lora", "--translate-train", "--path_mt",
+              str(world["tr"] / "nusax" / "translate-jav-nllb-3.3b"), "--fusion_fn", "add")
+    assert "missing translation file" in err and "python run_translate.py --task nusax" in err
+
+
+def test_translation_rows_must_line_up(world, tmp_path, capsys):
+    tr = tmp_path / "tr" / "nusax"
+    for name in ("translate-jav-reference", "translate-en-reference"):
+        (tr / name).mkdir(parents=True)
+        for f in (world["tr"] / "nusax" / name).glob("*.parquet"):
+            df = pd.read_parquet(f)
+            if f.name.startswith("test_"):
+                df = df.iloc[::-1].reset_index(drop=True)  # rows shuffled against the target test set
+            df.to_parquet(tr / name / f.name, index=False)
+    err = bad(world, tmp_path, capsys, "--adapter", "lora", "--translate-train", "--path_mt",
+              str(tr / "translate-jav-reference"), "--fusion_fn", "add")
+    assert "does not line up" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--adapter", "lora", "--fusion_fn", "add", "--input_fusion"], "--fusion_fn and --input_fusion"),
+    (["--adapter", "lora", "--fuse_mt", "--mt_model", "nllb-600m"], "--fuse_mt needs --fusion_fn"),
+    (["--adapter", "lora", "--fusion_fn", "add", "--fuse_mt"], "--fuse_mt needs --mt_model"),
+    (["--adapter", "lora", "--fusion_fn", "add"], "--translate-train --path_mt"),
+    (["--fusion_fn", "add"], "add --adapter lora"),
+    ([], "no mode selected"),
+    (["--eval_zs", "--translate-test"], "select different modes"),
+    (["--translate-test"], "--translate-test needs --path_mt"),
+    (["--adapter", "lora", "--translate-train", "--path_mt", "x", "--fusion_fn", "cross-attention",
+      "--cross_attention_heads", "3"], "must be positive and"),
+])
+def test_bad_flags(world, tmp_path, capsys, argv, message):
+    assert message in bad(world, tmp_path, capsys, *argv)
+
+
+def test_adapter_without_load_ckpt(world, tmp_path, capsys):
+    err = bad(world, tmp_path, capsys, "--adapter", "lora", "--translate-train", "--path_mt", "x", load=False)
+    assert "--load_ckpt is required" in err and "run_task_ft.py" in err
+
+
+def test_load_ckpt_of_another_task_or_model(world, tmp_path, capsys):
+    other_task = ["--load_ckpt", str(world["ck"] / "tydiqa-en-xlm-roberta-3"), "--eval_zs"]
+    assert "was trained for task 'tydiqa'" in bad(world, tmp_path, capsys, *other_task, load=False)
+    other_model = ["--load_ckpt", str(world["ck"] / "nusax-en-llama-3"), "--eval_zs"]
+    assert "with model 'llama'" in bad(world, tmp_path, capsys, *other_model, load=False)
+
+
+def test_mt_columns_are_padded_like_the_model(world):
+    """Regression: the original right-padded the MT sequence and left-padded the LLM's."""
+    from flare.data.features import PadCollator
+
+    collate = PadCollator(0, "left", pad_values={"mt_input_ids": 1})
+    batch = collate([{"input_ids": [5, 6], "attention_mask": [1, 1], "mt_input_ids": [7, 8, 9],
+                      "mt_attention_mask": [1, 1, 1]},
+                     {"input_ids": [5], "attention_mask": [1], "mt_input_ids": [7], "mt_attention_mask": [1]}])
+    assert batch["mt_input_ids"][1].tolist() == [1, 1, 7] and batch["mt_attention_mask"][1].tolist() == [0, 0, 1]
+    assert batch["input_ids"][1].tolist() == [0, 5]
+
+
+def test_merged_model_with_fresh_adapter_equals_stage1_model(world):
+    """Stage 2 starts exactly where stage 1 ended: merge + a new (B = 0) fused adapter change no output."""
+    import torch
+
+    from flare.data.features import PadCollator
+    from flare.models.loading import load_checked, load_model, load_tokenizer
+
+    args = stage2.build_parser().parse_args(
+        ["--task", "nusax", "--plm", str(world["models"] / "xlm-roberta"), "--target_lang", "jav", "--seed", "3",
+         "--load_ckpt", str(world["ck"] / "nusax-en-xlm-roberta-3"), "--data_dir", str(DATA), "--adapter", "lora",
+         "--translate-train", "--path_mt", str(world["tr"] / "nusax" / "translate-jav-reference"),
+         "--fusion_fn", "cross-attention", "--max_eval_samples", "8"])
+    cfg = stage2.resolve_config(args)
+    tok = load_tokenizer(cfg.spec)
+    model, fusion = stage2.build_model(cfg, tok)
+    feats = stage2._features(cfg, stage2.load_data(cfg).test, tok, fusion, train=False)
+    batch = PadCollator(tok.pad_token_id, tok.padding_side)([dict(r) for r in feats])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    stage1_model = load_checked(load_model(cfg.spec, "nusax", quantize="none", device="cpu", bf16=False),
+                                cfg.load_ckpt, is_trainable=False, adapter_name="lora").eval()
+    model.eval()
+    with torch.no_grad(), fusion.source(batch):
+        fused = model(**inputs).logits
+    with torch.no_grad():
+        assert torch.allclose(fused, stage1_model(**inputs).logits, atol=1e-5)
+    assert fusion.calls["eval"] == 4
