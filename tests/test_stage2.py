@@ -325,3 +325,25 @@ def test_merged_model_with_fresh_adapter_equals_stage1_model(world):
     with torch.no_grad():
         assert torch.allclose(fused, stage1_model(**inputs).logits, atol=1e-5)
     assert fusion.calls["eval"] == 4
+
+
+def test_input_fusion_formats(tiny_models):
+    """Regression: the original joined NusaX texts with no separator and its TyDiQA LLM prompt lacked the newline
+    before "Answer: "."""
+    from transformers import AutoTokenizer
+
+    from flare.config import resolve_model
+    from flare.data.stage2_features import target_features
+    from flare.prompts import INPUT_FUSION_TEMPLATES, decoder_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "xlm-roberta")
+    batch = {"text": ["aku seneng"], "src_text": ["I like it"], "label": [2]}
+    enc = target_features(batch, task="nusax", spec=resolve_model(str(tiny_models / "xlm-roberta")), tokenizer=tok,
+                          max_length=64, doc_stride=16, train=True, input_fusion=True)
+    ids = enc["input_ids"][0]
+    assert ids.count(tok.sep_token_id) >= 2 and enc["labels"] == [2]  # <s> English </s></s> target </s>
+    first_sep = ids.index(tok.sep_token_id)
+    assert tok.decode(ids[1:first_sep]).strip() == "I like it"
+    prompt = decoder_prompt("tydiqa", {"src_context": "c1", "src_question": "q1", "context": "c2", "question": "q2"},
+                            INPUT_FUSION_TEMPLATES["tydiqa"])
+    assert prompt == "Context: c1\nQuestion: q1\n\nContext: c2\nQuestion: q2\nAnswer: "
