@@ -149,7 +149,8 @@ def test_training_modes_decoder(world, mode):
 def test_tydiqa_modes(world, family):
     # zero-shot needs no translation files (the original crashed without --translate-train)
     assert run2(world, family, "tydiqa", "--eval_zs", "--eval_only") == 0
-    flags = ["--adapter", "lora", "--translate-train", "--path_mt", str(world["tr"] / "tydiqa" / "translate-sw-identity")]
+    flags = ["--adapter", "lora", "--translate-train", "--path_mt",
+             str(world["tr"] / "tydiqa" / "translate-sw-identity")]
     assert run2(world, family, "tydiqa", *flags, "--fusion_fn", "add") == 0
     _, res = results(world, f"tydiqa-en-sw-{family}-3-lora-8_add-translate-sw-identity-ttrain")
     assert res["fusion_calls_train"] > 0 and res["fusion_calls_eval"] > 0
