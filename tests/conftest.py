@@ -16,6 +16,7 @@ os.environ.update(
     TRANSFORMERS_OFFLINE="1",
     HF_DATASETS_OFFLINE="1",
     HF_HOME=_HF_HOME,
+    FLARE_CACHE=tempfile.mkdtemp(prefix="flare-test-cache-"),  # the converted me5-small model
     HF_HUB_DISABLE_TELEMETRY="1",
     WANDB_DISABLED="true",
     TOKENIZERS_PARALLELISM="false",

