@@ -79,7 +79,8 @@ def test_it_is_the_real_model_retrieval(me5_dir):
 
     from flare.data import load_task
 
-    tok, model = AutoTokenizer.from_pretrained(me5_dir), AutoModel.from_pretrained(me5_dir, add_pooling_layer=False).eval()
+    tok = AutoTokenizer.from_pretrained(me5_dir)
+    model = AutoModel.from_pretrained(me5_dir, add_pooling_layer=False).eval()
     en, ind = (load_task("nusax", lang, "test", REPO / "data").select(range(100)) for lang in ("en", "ind"))
     assert list(en["id"]) == list(ind["id"])
 
@@ -146,7 +147,8 @@ def test_sweep_skips_finished_runs_and_continues_after_failures(tmp_path):
                          "translate nusax sun->en"]
     assert "stage 1 seed 1" in names and "flare/add_relu sun seed 1" in names and len(jobs) == 4 + 1 + 4
     flare_jav = next(j for j in jobs if j.name == "flare/add_relu jav seed 1")
-    assert flare_jav.done_file.parent.name == "nusax-en-jav-me5-small-1-lora-8_add_relu-translate-jav-reference-ttrain"
+    expected = "nusax-en-jav-me5-small-1-lora-8_add_relu-translate-jav-reference-ttrain"
+    assert flare_jav.done_file.parent.name == expected
     # finished runs are skipped; a failing job does not stop the others
     flare_jav.done_file.parent.mkdir(parents=True)
     flare_jav.done_file.write_text("{}")

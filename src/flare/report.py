@@ -161,7 +161,8 @@ def write_report(root: Path, out: Path) -> list[Path]:
         md = markdown(task, plm, table)
         all_md.append(md)
         atomic_write(stem.with_suffix(".md"), lambda p, t=md: p.write_text(t, encoding="utf-8"))
-        atomic_write(stem.with_suffix(".csv"), lambda p, t=csv_text(task, plm, table): p.write_text(t))
+        csv = csv_text(task, plm, table)
+        atomic_write(stem.with_suffix(".csv"), lambda p, t=csv: p.write_text(t, encoding="utf-8"))
         png = stem.with_suffix(".png")
         _plot_to(task, plm, table, png)
         written += [stem.with_suffix(".md"), stem.with_suffix(".csv"), png]
