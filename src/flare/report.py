@@ -149,24 +149,22 @@ def plot(task: str, plm: str, table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(root: Path, out: Path) -> list[Path]:
+def write_report(tables: dict, out: Path) -> list[Path]:
+    """Markdown, CSV and PNG per (task, model) table of :func:`build_tables` into ``out``."""
     from flare.common_args import atomic_write
 
-    tables = build_tables(load_results(root))
     written = []
     out.mkdir(parents=True, exist_ok=True)
-    all_md = []
     for (task, plm), table in sorted(tables.items()):
         stem = out / f"{task}-{plm}"
         md = markdown(task, plm, table)
-        all_md.append(md)
         atomic_write(stem.with_suffix(".md"), lambda p, t=md: p.write_text(t, encoding="utf-8"))
         csv = csv_text(task, plm, table)
         atomic_write(stem.with_suffix(".csv"), lambda p, t=csv: p.write_text(t, encoding="utf-8"))
         png = stem.with_suffix(".png")
         _plot_to(task, plm, table, png)
         written += [stem.with_suffix(".md"), stem.with_suffix(".csv"), png]
-    return written if tables else []
+    return written
 
 
 def _plot_to(task: str, plm: str, table: dict, path: Path) -> None:
@@ -191,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no stage-2 results_*.json under {root}; run run.py (or python -m flare.sweep) first",
               file=sys.stderr)
         return 2
-    written = write_report(root, Path(args.out) if args.out else root / "report")
+    written = write_report(tables, Path(args.out) if args.out else root / "report")
     for (task, plm), table in sorted(tables.items()):
         print(markdown(task, plm, table))
     print("wrote " + ", ".join(str(p) for p in written))
