@@ -111,6 +111,18 @@ def _bad(tmp_path, capsys, argv):
     return capsys.readouterr().err
 
 
+@pytest.mark.parametrize("num_evals,max_steps,eval_steps", [(None, 93, 9), ("3", 93, 31), ("2", 31, 15), ("5", 3, 1)])
+def test_num_evals_spaces_the_validations(tmp_path, num_evals, max_steps, eval_steps):
+    argv = ["--task", "nusax", "--plm", "xlmr", "--seed", "1", "--output_dir", str(tmp_path), "--device", "cpu",
+            "--max_steps", str(max_steps)] + (["--num_evals", num_evals] if num_evals else [])
+    cfg = stage1.resolve_config(stage1.build_parser().parse_args(argv))
+    targs = stage1.training_arguments(cfg, 500, ("labels",), "f1")
+    assert targs.eval_steps == targs.save_steps == eval_steps and targs.max_steps == max_steps
+    assert targs.train_sampling_strategy == "random"  # the original's uniform shuffling unless asked
+    cfg = stage1.resolve_config(stage1.build_parser().parse_args([*argv, "--group_by_length"]))
+    assert stage1.training_arguments(cfg, 500, ("labels",), "f1").train_sampling_strategy == "group_by_length"
+
+
 def test_unknown_task(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         stage1.main(["--task", "squad", "--plm", "xlmr", "--seed", "1"])
@@ -124,6 +136,7 @@ def test_unknown_task(tmp_path, capsys):
     (["--task", "nusax", "--plm", "xlmr", "--adapter", "prefix"], "--adapter 'prefix' is not supported"),
     (["--task", "nusax", "--plm", "nllb-600m"], "is a translation model; use it with run_translate.py"),
     (["--task", "nusax", "--plm", "xlmr", "--device", "cuda"], "no CUDA GPU is visible"),
+    (["--task", "nusax", "--plm", "xlmr", "--num_evals", "0"], "--num_evals must be positive"),
 ])
 def test_bad_input(tmp_path, capsys, argv, message):
     assert message in _bad(tmp_path, capsys, argv)
@@ -233,3 +246,28 @@ def test_lora_dropout_flag_and_one_compute_dtype_rule(tiny_models):
                        freeze_head=False).lora_dropout == 0.1
     assert bnb_config(spec, "lm", "4bit", torch.bfloat16).bnb_4bit_compute_dtype == torch.bfloat16
     assert bnb_config(spec, "lm", "4bit", torch.float32).bnb_4bit_compute_dtype == torch.float32
+
+
+@pytest.mark.parametrize("family,task", [("xlm-roberta", "nusax"), ("xlm-roberta", "tydiqa"), ("llama", "nusax")])
+def test_length_sorted_evaluation_keeps_the_example_order(tiny_models, data_dir, family, task):
+    """Batches are formed longest first; every prediction must still land on its own example: batch 4 (sorted,
+    padded) gives the same predictions, in the same order, as batch 1 (no padding, no reordering effect)."""
+    import numpy as np
+
+    from flare.config import resolve_model
+    from flare.data import load_task
+    from flare.evaluation import Evaluator
+    from flare.models.loading import load_model, load_tokenizer
+
+    spec = resolve_model(str(tiny_models / family))
+    tok = load_tokenizer(spec)
+    model = load_model(spec, task, quantize="none", device="cpu", bf16=False)
+    examples = load_task(task, "en", "test" if task == "nusax" else "validation", data_dir).select(range(10))
+    kwargs = dict(doc_stride=64, generate_max_tokens=4)
+    one = Evaluator(task, spec, tok, examples, 192, batch_size=1, **kwargs)
+    four = Evaluator(task, spec, tok, examples, 192, batch_size=4, **kwargs)
+    lengths = [len(ids) for ids in four.features["input_ids"]]
+    order = four.order()
+    assert sorted(lengths, reverse=True) == [lengths[i] for i in order] and len(set(lengths)) > 1
+    assert not np.array_equal(order, np.arange(len(order)))  # the reordering is really exercised
+    assert four.predict(model) == one.predict(model)

@@ -66,6 +66,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--doc_stride", type=int, default=128, help="encoder QA: overlap between context windows")
     p.add_argument("--max_answer_length", type=int, default=30, help="encoder QA: longest answer in tokens")
     p.add_argument("--save_total_limit", type=int, default=2, help="Trainer checkpoints kept (best + last)")
+    p.add_argument("--group_by_length", action="store_true",
+                   help="train on batches of similar length (HF LengthGroupedSampler): less padding, faster; "
+                        "off = uniform shuffling, as the original")
+    p.add_argument("--num_evals", type=int, default=10,
+                   help="validations (and checkpoints) per run, evenly spaced; the best one is kept (original: 10)")
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="resume training from a checkpoint-* folder, or 'last' for the newest in the run dir")
 

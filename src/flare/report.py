@@ -133,17 +133,20 @@ def plot(task: str, plm: str, table: dict, path: Path) -> None:
 
     langs, rows = table["langs"], table["rows"]
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(langs) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(langs) + 2) + 2, 4))
     x = np.arange(len(langs))
     for i, r in enumerate(rows):
         means = [100 * float(np.mean(table["cells"].get((r, lang)) or [np.nan])) for lang in langs]
-        errs = [100 * float(np.std(v, ddof=1)) if len(v := table["cells"].get((r, lang), [])) > 1 else 0.0
-                for lang in langs]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errs, label=row_label(r), capsize=2)
+        # std bars only where there are >= 2 seeds (a single seed has no spread to show)
+        errs = np.array([100 * float(np.std(v, ddof=1)) if len(v := table["cells"].get((r, lang), [])) > 1
+                         else np.nan for lang in langs])
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, label=row_label(r), capsize=2,
+               yerr=errs if np.isfinite(errs).any() else None)
     ax.set_xticks(x, langs)
+    ax.set_ylim(0, 100)
     ax.set_ylabel(f"{METRIC_NAME[task]} (×100)")
     ax.set_title(f"{task} · {plm}")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -84,7 +84,7 @@ def resolve_config(args: argparse.Namespace) -> Stage1Config:
         if not spec.head_modules(kind):
             raise UsageError(f"--quantize {quantize}: the {kind} head of {args.plm} is not known, so it would be "
                              "quantised too; use --quantize none")
-    for name in ("lora_r", "lora_alpha", "batch_size", "epochs"):
+    for name in ("lora_r", "lora_alpha", "batch_size", "epochs", "num_evals"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive")
     load_ckpt = None
@@ -135,7 +135,7 @@ def training_arguments(cfg: Stage1Config, n_train: int, label_names: tuple[str, 
     a = cfg.args
     batch_size = min(a["batch_size"], n_train)
     max_steps = a["max_steps"] or max(n_train * a["epochs"] // batch_size // a["gradient_accumulation_steps"], 1)
-    eval_steps = max(max_steps // 10, 1)
+    eval_steps = max(max_steps // a["num_evals"], 1)
     return TrainingArguments(
         output_dir=str(cfg.run_dir), run_name=cfg.run_name, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
@@ -147,6 +147,7 @@ def training_arguments(cfg: Stage1Config, n_train: int, label_names: tuple[str, 
         save_total_limit=a["save_total_limit"], report_to=[] if a["report_to"] == "none" else [a["report_to"]],
         bf16=a["bf16"], optim=cfg.optim, use_cpu=cfg.device == "cpu", label_names=list(label_names),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if a["group_by_length"] else "random",
         gradient_checkpointing=False,  # enabled on the model itself (non-reentrant) when asked
     )
 

@@ -218,7 +218,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
     if args.cross_attention_heads <= 0 or args.lora_r % args.cross_attention_heads:
         raise UsageError(f"--cross_attention_heads {args.cross_attention_heads} must be positive and divide "
                          f"--lora_r {args.lora_r}")
-    for name in ("lora_r", "lora_alpha", "batch_size", "epochs"):
+    for name in ("lora_r", "lora_alpha", "batch_size", "epochs", "num_evals"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive")
     device = resolve_device(args.device)
