@@ -175,7 +175,9 @@ def test_demo_sh_runs_and_a_rerun_skips_every_finished_stage(tmp_path, me5_dir):
         "nusax-en-jav-me5-small-42/results_zs.json", "nusax-en-me5-small-42/results_test.json"]
     assert "| Zero-shot |" in first.stdout and "| Translate-train LoRA |" in first.stdout  # the table is printed
     assert (tmp_path / "ck" / "report" / "nusax-me5-small.png").is_file()
-    stamps = {p: p.stat().st_mtime_ns for p in [*results, *(tmp_path / "tr").rglob("*.parquet")]}
+    translations = sorted((tmp_path / "tr").rglob("*.parquet"))
+    assert len(translations) >= 4  # en->jav train/valid/test, jav->en test
+    stamps = {p: p.stat().st_mtime_ns for p in [*results, *translations]}
 
     second = subprocess.run(["bash", str(REPO / "demo.sh")], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
