@@ -267,7 +267,7 @@ def test_length_sorted_evaluation_keeps_the_example_order(tiny_models, data_dir,
     one = Evaluator(task, spec, tok, examples, 192, batch_size=1, **kwargs)
     four = Evaluator(task, spec, tok, examples, 192, batch_size=4, **kwargs)
     lengths = [len(ids) for ids in four.features["input_ids"]]
-    order = four.order()
+    order = four.order
     assert sorted(lengths, reverse=True) == [lengths[i] for i in order] and len(set(lengths)) > 1
     assert not np.array_equal(order, np.arange(len(order)))  # the reordering is really exercised
     assert four.predict(model) == one.predict(model)

@@ -55,6 +55,9 @@ class Evaluator:
         else:
             self.max_new_tokens = generate_max_tokens
         self.features = features if features is not None else self.build_features(examples)
+        # feature indices, longest input first (stable): batches of similar length waste little on padding
+        self.order = np.argsort(-np.array([len(ids) for ids in self.features["input_ids"]]), kind="stable")
+        self._back = np.argsort(self.order)  # position of each feature in that order
 
     # ------------------------------------------------------------------ features
     def build_features(self, examples: datasets.Dataset) -> datasets.Dataset:
@@ -70,27 +73,14 @@ class Evaluator:
     def model_inputs(self) -> tuple[str, ...]:
         return tuple(k for k in ("input_ids", "attention_mask", "token_type_ids") if k in self.features.column_names)
 
-    def order(self) -> np.ndarray:
-        """Feature indices, longest input first (stable): batches of similar length waste little on padding."""
-        lengths = np.array([len(ids) for ids in self.features["input_ids"]])
-        return np.argsort(-lengths, kind="stable")
-
-    def batches(self, order: np.ndarray, columns: tuple[str, ...] | None = None):
-        """Padded batches of the features in ``order``."""
+    def batches(self, columns: tuple[str, ...] | None = None):
+        """Padded batches of the features in ``self.order``."""
         columns = columns or self.model_inputs() + self.extra_columns
         collate = PadCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side, keep=columns,
                               pad_values=self.pad_values)
-        for start in range(0, len(order), self.batch_size):
-            rows = self.features.select(order[start:start + self.batch_size])
+        for start in range(0, len(self.order), self.batch_size):
+            rows = self.features.select(self.order[start:start + self.batch_size])
             yield collate([{c: r[c] for c in columns} for r in rows])
-
-    @staticmethod
-    def _unsort(values: list, order: np.ndarray) -> list:
-        """``values[k]`` belongs to feature ``order[k]``: back to feature order."""
-        out = [None] * len(values)
-        for k, i in enumerate(order):
-            out[i] = values[k]
-        return out
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
@@ -114,17 +104,17 @@ class Evaluator:
         return {k: v for k, v in batch.items() if k not in self.extra_columns}
 
     def _classify(self, model) -> list[int]:
-        device, preds, order = self._device(model), [], self.order()
-        for batch in tqdm(self.batches(order), desc="eval", leave=False, total=self._n_batches()):
+        device, preds = self._device(model), []
+        for batch in tqdm(self.batches(), desc="eval", leave=False, total=self._n_batches()):
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.batch_context(batch):
                 logits = model(**self._inputs(batch)).logits
             preds += logits.argmax(-1).tolist()
-        return self._unsort(preds, order)
+        return [preds[k] for k in self._back]  # back to feature order
 
     def _extract(self, model) -> list[str]:
-        device, starts, ends, order = self._device(model), [], [], self.order()
-        for batch in tqdm(self.batches(order), desc="eval", leave=False, total=self._n_batches()):
+        device, starts, ends = self._device(model), [], []
+        for batch in tqdm(self.batches(), desc="eval", leave=False, total=self._n_batches()):
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.batch_context(batch):
                 out = model(**self._inputs(batch))
@@ -133,15 +123,15 @@ class Evaluator:
                 padded = torch.full((logits.shape[0], width), -1e9, dtype=torch.float32)
                 padded[:, : logits.shape[1]] = logits.float().cpu()
                 sink.append(padded.numpy())
-        back = np.argsort(order)  # row k of the sorted logits belongs to feature order[k]
-        by_id = qa.postprocess_predictions(self.examples, self.features, np.concatenate(starts)[back],
-                                           np.concatenate(ends)[back], max_answer_length=self.max_answer_length)
+        # rows back to feature order
+        by_id = qa.postprocess_predictions(self.examples, self.features, np.concatenate(starts)[self._back],
+                                           np.concatenate(ends)[self._back], max_answer_length=self.max_answer_length)
         return [by_id[i] for i in self.examples["id"]]
 
     def _generate(self, model) -> list:
-        device, outputs, order = self._device(model), [], self.order()
+        device, outputs = self._device(model), []
         tok = self.tokenizer
-        for batch in tqdm(self.batches(order), desc="generate", leave=False, total=self._n_batches()):
+        for batch in tqdm(self.batches(), desc="generate", leave=False, total=self._n_batches()):
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.batch_context(batch):
                 generated = model.generate(
@@ -150,7 +140,7 @@ class Evaluator:
                 )
             new_tokens = generated[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
             outputs += tok.batch_decode(new_tokens, skip_special_tokens=True)
-        outputs = self._unsort(outputs, order)
+        outputs = [outputs[k] for k in self._back]  # back to feature order
         if self.info.kind == "cls":
             return [parse_label(text, self.info.labels) for text in outputs]
         return [parse_answer(text) for text in outputs]
