@@ -24,11 +24,21 @@ j. Left-padded decoders align the END of the source prompt with the end of the t
 after the prompt (answer tokens in training, every decode step in generation) get the LAST source prompt position.
 So training, validation and test use one rule. Source padding positions are masked (zero), which makes a row's result
 independent of how the batch was padded.
+
+Causality (decoders): the functions that mix target positions (cross-attention, matmul, matmul_relu) let position j
+see only target positions <= j (a causal mask), so the gold answer in a teacher-forced sequence cannot leak into
+earlier positions. A decode step sees the bottleneck states ``A x_t`` of every earlier target position: the KV
+cache does not hold them, so the fusion keeps its own per-batch cache of them (one per fused projection), reset
+whenever a new source is set. Encoders fuse bidirectionally. The position-wise functions need neither.
+
+The source pass runs the stage-1 model exactly (:func:`flare.models.stack.stage1_only`: the new adapter off, the
+frozen stage-1 adapter on), in eval mode (no dropout).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -39,9 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flare.models.stack import stage1_only
+
 logger = logging.getLogger(__name__)
 
 FUSION_FNS = ("add", "add_relu", "mul", "cross-attention", "matmul", "matmul_relu")
+MIXING_FNS = ("cross-attention", "matmul", "matmul_relu")  # functions that mix target positions: causal in decoders
+# fusion functions a decoder may use: each passes the leak test and the teacher-forced = prefill + decode test
+# (tests/test_fusion.py::test_decoder_fusion_is_causal, ::test_generation_uses_the_training_alignment)
+DECODER_FUSION_FNS = FUSION_FNS
 FUSION_FILE = "fusion_model.safetensors"
 
 
@@ -62,39 +78,60 @@ class CrossAttentionFusion(nn.Module):
         self.query, self.key, self.value = nn.Linear(r, r), nn.Linear(r, r), nn.Linear(r, r)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, s: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, s: torch.Tensor, t: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask``: (B, Lt) or (B, Ls, Lt), true where query i may attend target position j."""
         b, ls, r = s.shape
         lt = t.shape[1]
         q = self.query(s).view(b, ls, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Ls, dh)
         k = self.key(t).view(b, lt, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Lt, dh)
         v = self.value(t).view(b, lt, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Lt, dh)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, h, Ls, Lt)
-        if t_mask is not None:
-            scores = scores.masked_fill(~t_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+        if key_mask is not None:
+            allowed = key_mask.bool()[:, None, None, :] if key_mask.dim() == 2 else key_mask.bool()[:, None]
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = self.dropout(scores.softmax(-1))
         return (probs @ v).transpose(1, 2).reshape(b, ls, r)  # (B, Ls, r)
 
 
+def key_mask(t_mask: torch.Tensor | None, ls: int, causal: bool, offset: int = 0) -> torch.Tensor | None:
+    """Which target positions each query may use: padding masked; if ``causal``, query i (at target position
+    ``offset + i``) sees positions <= its own. ``t_mask`` (B, Lt) -> (B, Lt), or (B, Ls, Lt) when causal."""
+    if not causal:
+        return t_mask
+    lt = t_mask.shape[1]
+    pos = torch.arange(lt, device=t_mask.device)
+    query_pos = offset + torch.arange(ls, device=t_mask.device)
+    return t_mask.bool()[:, None, :] & (pos[None, :] <= query_pos[:, None])[None]  # (B, Ls, Lt)
+
+
 def fuse(fn: str, s: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor | None = None,
-         cross_attention: CrossAttentionFusion | None = None) -> torch.Tensor:
-    """phi(S, T) for S = A x_s and T = A x_t, both (B, L, r); returns (B, L, r)."""
+         cross_attention: CrossAttentionFusion | None = None, causal: bool = False, offset: int = 0) -> torch.Tensor:
+    """phi(S, T) for S = A x_s (B, Ls, r) and T = A x_t (B, Lt, r); returns (B, Ls, r).
+
+    The position-wise functions need Ls = Lt. The mixing ones (matmul, cross-attention) let each query use the
+    target positions that ``t_mask`` allows and, if ``causal``, only those at or before its own position ``offset +
+    i`` (a decode step passes the cached earlier positions as ``t`` and its own position as ``offset``).
+    """
     if fn == "add":
         return s + t
     if fn == "add_relu":
         return F.relu(s) + F.relu(t)
     if fn == "mul":
         return s * t
+    if t_mask is None:
+        t_mask = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+    allowed = key_mask(t_mask, s.shape[1], causal, offset)
     if fn in ("matmul", "matmul_relu"):
         if fn == "matmul_relu":
             s, t = F.relu(s), F.relu(t)
-        if t_mask is not None:
-            t = t * t_mask[..., None].to(t.dtype)  # padded target positions add nothing
-        return s @ t.transpose(-1, -2) @ t  # (B, Ls, r)(B, r, Lt)(B, Lt, r) -> (B, Ls, r)
+        scores = s @ t.transpose(-1, -2)  # (B, Ls, Lt)
+        mask = allowed if allowed.dim() == 3 else allowed[:, None, :]
+        return (scores * mask.to(scores.dtype)) @ t  # S T^T T over the allowed positions: (B, Ls, r)
     if fn == "cross-attention":
         if cross_attention is None:
             raise FusionError("cross-attention fusion needs its module")
         dtype = cross_attention.query.weight.dtype
-        return cross_attention(s.to(dtype), t.to(dtype), t_mask).to(t.dtype)
+        return cross_attention(s.to(dtype), t.to(dtype), allowed).to(t.dtype)
     raise ValueError(f"unknown fusion function {fn!r}; choose one of: {', '.join(FUSION_FNS)}")
 
 
@@ -193,6 +230,8 @@ class _State:
     sources: list[torch.Tensor] | torch.Tensor  # per layer (B, Lt, D), or one MT tensor (B, Lt, d_mt) for all
     valid: torch.Tensor  # (B, Lt) bool
     tgt_mask: torch.Tensor  # (B, Lt)
+    # per fused projection: the target bottleneck states A x_t seen so far and their mask (decoders: decode steps)
+    seen: dict = dataclasses.field(default_factory=dict)
 
     def for_layer(self, i: int) -> torch.Tensor:
         return self.sources if isinstance(self.sources, torch.Tensor) else self.sources[i]
@@ -207,11 +246,15 @@ class Fusion:
 
     def __init__(self, model: nn.Module, *, layers: str, targets: tuple[str, ...], adapter: str, fusion_fn: str,
                  padding_side: str, cross_attention_heads: int = 1, attention_dropout: float = 0.0,
-                 mt_encoder: MTEncoder | None = None):
+                 mt_encoder: MTEncoder | None = None, causal: bool | None = None):
         if fusion_fn not in FUSION_FNS:
             raise ValueError(f"unknown fusion function {fusion_fn!r}; choose one of: {', '.join(FUSION_FNS)}")
         self.model, self.adapter, self.fn = model, adapter, fusion_fn
         self.layers_suffix, self.padding_side, self.mt = layers, padding_side, mt_encoder
+        self.causal = padding_side == "left" if causal is None else causal  # left-padded models are decoders
+        if self.causal and fusion_fn not in DECODER_FUSION_FNS:
+            raise FusionError(f"--fusion_fn {fusion_fn} is not causal, so a decoder cannot use it; choose one of: "
+                              f"{', '.join(DECODER_FUSION_FNS)}")
         self.projections = fused_projections(model, layers, targets, adapter)
         first = self.projections[0][2]
         r, d_model = first.r[adapter], first.in_features
@@ -252,18 +295,39 @@ class Fusion:
                 raise FusionError("a fused LoRA projection ran without a fusion source; run the model inside "
                                   "Fusion.source(batch) (or detach the fusion for plain LoRA)")
             x_s, valid, t_mask = state.for_layer(layer), state.valid, state.tgt_mask
-            if t.shape[1] != x_s.shape[1]:
-                if t.shape[1] != 1:
-                    raise FusionError(f"target length {t.shape[1]} matches neither the source alignment "
-                                      f"({x_s.shape[1]}) nor a decode step (1)")
-                # decode step: the position aligned with the last prompt token (= the last source prompt position)
-                x_s, valid, t_mask = x_s[:, -1:], valid[:, -1:], torch.ones_like(valid[:, -1:])
+            keys, key_mask, offset = t, t_mask, 0
+            if self._is_decode_step(state, key, t, x_s, lora_a.training):
+                # one new target position after the prompt: aligned with the last source prompt position; the
+                # mixing functions see every earlier position's bottleneck state (cached) and this one
+                x_s, valid = x_s[:, -1:], valid[:, -1:]
+                if self.fn in MIXING_FNS:
+                    prev, prev_mask = state.seen[key]
+                    keys = torch.cat([prev, t], 1)  # (B, L_seen + 1, r)
+                    key_mask = torch.cat([prev_mask, torch.ones_like(prev_mask[:, :1])], 1)
+                    offset = prev.shape[1]
+                    state.seen[key] = (keys, key_mask)
+                else:
+                    key_mask = torch.ones_like(valid)
+            elif t.shape[1] != x_s.shape[1]:
+                raise FusionError(f"target length {t.shape[1]} matches neither the source alignment "
+                                  f"({x_s.shape[1]}) nor a decode step (1)")
+            elif self.causal and self.fn in MIXING_FNS:
+                state.seen[key] = (t, t_mask)  # the prompt (prefill), for the decode steps that may follow
             s = self._down(lora_a, dropout, x_s) * valid[..., None].to(t.dtype)  # (B, L, r)
             self.calls["train" if lora_a.training else "eval"] += 1
             xattn = self.modules.cross_attention[key] if self.modules.cross_attention is not None else None
-            return fuse(self.fn, s, t, t_mask, xattn)
+            return fuse(self.fn, s, keys, key_mask, xattn, causal=self.causal, offset=offset)
 
         return hook
+
+    def _is_decode_step(self, state: _State, key: str, t: torch.Tensor, x_s: torch.Tensor, training: bool) -> bool:
+        """One new position of a generation with a KV cache (not a full pass over the aligned sequence)."""
+        if t.shape[1] != 1 or not self.causal:
+            return False
+        if x_s.shape[1] != 1:
+            return True
+        # a one-token prompt: the first call is the prefill, later eval-mode calls are decode steps
+        return not training and (key in state.seen or self.fn not in MIXING_FNS)
 
     def _down(self, lora_a: nn.Linear, dropout: nn.Module, x_s: torch.Tensor) -> torch.Tensor:
         """A(dropout(x_s)); for FLARE MT A(dropout(proj(x_mt))), folded into one (r x d_mt) map without dropout."""
@@ -302,7 +366,8 @@ class Fusion:
 
     @torch.no_grad()
     def capture(self, batch: dict) -> list[torch.Tensor]:
-        """Input hidden state of every layer for the ``src_*`` inputs, new adapter off: n_layers x (B, Ls, D)."""
+        """Input hidden state of every layer for the ``src_*`` inputs, run by the stage-1 model (new adapter off,
+        eval mode): n_layers x (B, Ls, D)."""
         captured: list[torch.Tensor] = []
 
         def pre_hook(module, args, kwargs):
@@ -316,10 +381,13 @@ class Fusion:
         inputs = {k[len("src_"):]: v for k, v in batch.items() if k.startswith("src_")}
         if "use_cache" in inspect.signature(body.forward).parameters:
             inputs["use_cache"] = False  # no KV cache for a single pass
+        was_training = self.model.training
+        self.model.eval()  # the English task model as it predicts: no dropout, deterministic
         try:
-            with self.model.disable_adapter():
+            with stage1_only(self.model):
                 body(**inputs)
         finally:
+            self.model.train(was_training)
             for handle in handles:
                 handle.remove()
         if len(captured) != len(layers):

@@ -1,0 +1,98 @@
+"""The stage-2 model as a stack of two LoRA adapters: the frozen English task adapter under a new trainable one.
+
+Stage 2 must start from the stage-1 model EXACTLY, and "new adapter off" must mean the stage-1 model (FLARE's
+English source pass runs it). The original merged the stage-1 LoRA into the base weights. For a 4-bit (NF4) base,
+that means dequantise, add ``B A s``, re-quantise: every 64-value block gets a new absmax and most of the small
+update rounds away (measured: README, "Stage 1 and 4-bit merging"). So by default nothing is merged:
+
+* the stage-1 adapter (``STAGE1``) stays on the, possibly quantised, base as a frozen peft adapter;
+* the new adapter (``NEW``, peft's ``default`` name, which Trainer checkpoints reload) is added on the same layers;
+  every LoRA layer runs both (peft sums the active adapters' updates), only ``NEW`` is trainable;
+* trained heads (``modules_to_save``): ``NEW``'s copy starts as the stage-1 head; a wrapped module that ``NEW``
+  does not train (e.g. Gemma's tied input embedding) keeps its frozen stage-1 copy.
+
+With a fresh ``NEW`` (``lora_B`` = 0) the model computes the stage-1 function bit for bit, quantised or not.
+:func:`stage1_only` switches ``NEW`` off for a block (the FLARE source pass) whether the model is stacked or merged.
+Only public peft calls are used: ``add_adapter``, ``set_adapter`` of the model and of its tuner layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+
+STAGE1 = "lora"  # the original's name of the stage-1 adapter
+NEW = "default"  # peft's default name: Trainer's checkpoint saving and best-model reloading use it
+
+
+def _layers(model) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not isinstance(m, AuxiliaryTrainingWrapper)]
+
+
+def _wrappers(model) -> list[AuxiliaryTrainingWrapper]:
+    return [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+
+
+def _freeze(module, adapter: str) -> None:
+    for name in module.adapter_layer_names:
+        params = getattr(module, name)
+        if adapter in params:
+            params[adapter].requires_grad_(False)
+
+
+def is_stacked(model) -> bool:
+    return isinstance(model, PeftModel) and STAGE1 in model.peft_config and NEW in model.peft_config
+
+
+def stack_new_adapter(model: PeftModel, config) -> PeftModel:
+    """Add ``NEW`` (from ``config``) on top of the loaded, frozen ``STAGE1`` adapter; returns the same model."""
+    model.add_adapter(NEW, config)
+    model.set_adapter(NEW)  # model level: the Trainer sees one active, trainable adapter
+    for wrapper in _wrappers(model):
+        copies = wrapper.modules_to_save if hasattr(wrapper, "modules_to_save") else {}
+        if NEW in copies and STAGE1 in copies:  # the new head starts as the stage-1 head
+            copies[NEW].load_state_dict(copies[STAGE1].state_dict())
+    activate(model)
+    return model
+
+
+def activate(model) -> None:
+    """Both adapters active on every LoRA layer, ``STAGE1`` frozen, ``NEW`` trainable; a wrapped module without a
+    ``NEW`` copy uses its frozen stage-1 copy. Idempotent; re-applied after anything that calls ``set_adapter``."""
+    for layer in _layers(model):
+        names = [a for a in (STAGE1, NEW) if a in layer._all_available_adapter_names()]
+        layer.set_adapter(names)
+        _freeze(layer, STAGE1)
+    for wrapper in _wrappers(model):
+        if NEW in wrapper._adapters:
+            wrapper.set_adapter(NEW)
+        elif STAGE1 in wrapper._adapters:
+            wrapper.set_adapter(STAGE1, inference_mode=True)
+
+
+@contextlib.contextmanager
+def stage1_only(model):
+    """Run the block with the new adapter off: exactly the stage-1 model (stacked: ``STAGE1`` alone; merged or
+    plain: every adapter disabled, the stage-1 update being part of the base weights)."""
+    if not is_stacked(model):
+        with model.disable_adapter():
+            yield
+        return
+    for layer in _layers(model):
+        names = [STAGE1] if STAGE1 in layer._all_available_adapter_names() else []
+        layer.set_adapter(names, inference_mode=True)
+    for wrapper in _wrappers(model):
+        wrapper.set_adapter(STAGE1 if STAGE1 in wrapper._adapters else [], inference_mode=True)
+    try:
+        yield
+    finally:
+        activate(model)
+
+
+def active_adapters(model) -> dict[str, list[str]]:
+    """Adapter names active per LoRA layer (for checks and tests)."""
+    return {name: list(m.active_adapters) for name, m in model.named_modules()
+            if isinstance(m, BaseTunerLayer) and not isinstance(m, AuxiliaryTrainingWrapper)}
