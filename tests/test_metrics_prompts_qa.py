@@ -8,7 +8,7 @@ import pytest
 
 from flare.data.features import IGNORE_INDEX, PadCollator, decoder_features, fit_prompt
 from flare.metrics import UNPARSEABLE, accuracy, classification_metrics, macro_f1, normalize_answer, qa_metrics
-from flare.prompts import decoder_prompt, parse_answer, parse_label
+from flare.prompts import decoder_prompt, label_rule, parse_answer, parse_label
 from flare.qa import postprocess_predictions
 
 
@@ -127,3 +127,21 @@ def test_qa_train_features_label_the_answer_tokens(tiny_models):
     found = [tok.decode(ids[s:e + 1]).strip() for ids, s, e in
              zip(enc["input_ids"], enc["start_positions"], enc["end_positions"]) if s != 0]
     assert found and all(f == "1999" for f in found)
+
+
+@pytest.mark.parametrize("text,first,strict", [
+    ("entailment", 0, 0), ("Entailment.", 0, 0), (" neutral\n", 1, 1),
+    ("entailment because", 0, UNPARSEABLE), ("it is neutral", 1, UNPARSEABLE), ("", UNPARSEABLE, UNPARSEABLE)])
+def test_parse_strict_is_the_originals_exact_match_for_xnli(text, first, strict):
+    labels = ("entailment", "neutral", "contradiction")
+    assert parse_label(text, labels, label_rule("xnli", "first")) == first
+    assert parse_label(text, labels, label_rule("xnli", "strict")) == strict
+
+
+@pytest.mark.parametrize("text,first,strict", [
+    ("positive", 2, 2), ("negative, not positive", 0, 2), ("positive.", 2, UNPARSEABLE),
+    ("Positive", 2, UNPARSEABLE), ("", UNPARSEABLE, UNPARSEABLE)])
+def test_parse_strict_is_the_originals_last_token_for_nusax(text, first, strict):
+    labels = ("negative", "neutral", "positive")
+    assert parse_label(text, labels, label_rule("nusax", "first")) == first
+    assert parse_label(text, labels, label_rule("nusax", "strict")) == strict

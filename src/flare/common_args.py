@@ -71,6 +71,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                         "off = uniform shuffling, as the original")
     p.add_argument("--num_evals", type=int, default=10,
                    help="validations (and checkpoints) per run, evenly spaced; the best one is kept (original: 10)")
+    p.add_argument("--parse", default="first", choices=["first", "strict"],
+                   help="decoders, classification: how a generated answer becomes a label. first: the first label "
+                        "word in the output (case and punctuation ignored); strict: the original's rule (XNLI: the "
+                        "whole output is the label word; NusaX: its last token is)")
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="resume training from a checkpoint-* folder, or 'last' for the newest in the run dir")
 

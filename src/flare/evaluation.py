@@ -26,7 +26,7 @@ from flare import qa
 from flare.config import TASKS, ModelSpec
 from flare.data.features import PadCollator, decoder_features, encoder_cls_features
 from flare.metrics import classification_metrics, qa_metrics
-from flare.prompts import parse_answer, parse_label
+from flare.prompts import label_rule, parse_answer, parse_label
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ class Evaluator:
                  batch_size: int = 32, doc_stride: int = 128, max_answer_length: int = 30,
                  generate_max_tokens: int = 100, features: datasets.Dataset | None = None,
                  batch_context: BatchContext | None = None, extra_columns: tuple[str, ...] = (),
-                 pad_values: dict | None = None):
+                 pad_values: dict | None = None, parse: str = "first"):
         self.task, self.info, self.spec, self.tokenizer = task, TASKS[task], spec, tokenizer
+        self.label_rule = label_rule(task, parse) if self.info.kind == "cls" else None
+        self.outputs: list[str] | None = None  # decoders: the raw generated texts of the last predict()
         self.examples, self.max_length, self.batch_size = examples, max_length, batch_size
         self.doc_stride, self.max_answer_length = doc_stride, max_answer_length
         self.batch_context = batch_context or _no_context
@@ -141,8 +143,9 @@ class Evaluator:
             new_tokens = generated[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
             outputs += tok.batch_decode(new_tokens, skip_special_tokens=True)
         outputs = [outputs[k] for k in self._back]  # back to feature order
+        self.outputs = outputs
         if self.info.kind == "cls":
-            return [parse_label(text, self.info.labels) for text in outputs]
+            return [parse_label(text, self.info.labels, self.label_rule) for text in outputs]
         return [parse_answer(text) for text in outputs]
 
     def _n_batches(self) -> int:
@@ -160,5 +163,11 @@ class Evaluator:
         return qa_metrics(predictions, self.golds())
 
     def records(self, predictions: list) -> list[dict]:
+        """One JSONL line per example: ``id``, ``prediction``, ``gold``; decoders add ``output``, the raw generated
+        text (so an unparseable answer can be read)."""
         ids = self.examples["id"] if "id" in self.examples.column_names else range(len(self.examples))
-        return [{"id": str(i), "prediction": p, "gold": g} for i, p, g in zip(ids, predictions, self.golds())]
+        rows = [{"id": str(i), "prediction": p, "gold": g} for i, p, g in zip(ids, predictions, self.golds())]
+        if self.spec.family == "decoder" and self.outputs is not None and len(self.outputs) == len(rows):
+            for row, text in zip(rows, self.outputs):
+                row["output"] = text
+        return rows

@@ -38,15 +38,38 @@ def encoder_text(task: str, example: dict) -> str:
     raise ValueError(f"no single-string encoder input for task {task!r}")
 
 
-def parse_label(generated: str, labels: tuple[str, ...]) -> int:
-    """Map generated text to a class id: the first word that is a label word (case and punctuation ignored).
+# --parse strict: the original's rule per task. XNLI scored exact match of the decoded output against the label word
+# (case and punctuation ignored); NusaX mapped the LAST whitespace token of the output through the verbalizer.
+STRICT_RULES = {"xnli": "exact", "nusax": "last"}
+PARSE_MODES = ("first", "strict")
 
-    Returns ``UNPARSEABLE`` (-1, always scored wrong and counted) when no word matches.
+
+def parse_label(generated: str, labels: tuple[str, ...], rule: str = "first") -> int:
+    """Map generated text to a class id; ``UNPARSEABLE`` (-1, always scored wrong and counted) if it does not parse.
+
+    ``first`` (default, lenient): the first word that is a label word, case and punctuation ignored.
+    ``exact`` (the original's XNLI): the whole output, lower-cased and without punctuation, is a label word.
+    ``last`` (the original's NusaX): the last whitespace-separated token is a label word, exactly.
     """
-    for word in re.findall(r"\w+", generated.lower()):
-        if word in labels:
-            return labels.index(word)
-    return UNPARSEABLE
+    if rule == "first":
+        for word in re.findall(r"\w+", generated.lower()):
+            if word in labels:
+                return labels.index(word)
+        return UNPARSEABLE
+    if rule == "exact":
+        text = re.sub(r"[^\w\s]", "", generated.lower()).strip()
+        return labels.index(text) if text in labels else UNPARSEABLE
+    if rule == "last":
+        tokens = generated.split()
+        return labels.index(tokens[-1]) if tokens and tokens[-1] in labels else UNPARSEABLE
+    raise ValueError(f"unknown label parsing rule {rule!r}")
+
+
+def label_rule(task: str, parse: str) -> str:
+    """The :func:`parse_label` rule for ``--parse`` (first | strict) on ``task``."""
+    if parse not in PARSE_MODES:
+        raise ValueError(f"--parse {parse!r}: choose one of {', '.join(PARSE_MODES)}")
+    return STRICT_RULES[task] if parse == "strict" else "first"
 
 
 def parse_answer(generated: str) -> str:

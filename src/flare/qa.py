@@ -10,7 +10,7 @@ import collections
 import numpy as np
 
 
-def _windows(examples: dict, tokenizer, max_length: int, doc_stride: int):
+def windows(examples: dict, tokenizer, max_length: int, doc_stride: int):
     """Question + context windows (context overflowing with ``doc_stride`` overlap) and the context's sequence id;
     the question goes first with right padding, second with left padding (so the context is never padded over)."""
     pad_right = tokenizer.padding_side == "right"
@@ -25,7 +25,7 @@ def _windows(examples: dict, tokenizer, max_length: int, doc_stride: int):
 def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int,
                            keep_sample_map: bool = False) -> dict:
     """Tokenise question + context windows; label each window with the first gold answer's token span (or CLS)."""
-    enc, ctx_id = _windows(examples, tokenizer, max_length, doc_stride)
+    enc, ctx_id = windows(examples, tokenizer, max_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
     if keep_sample_map:  # window -> example within this map batch (stage 2 attaches per-example source inputs)
         enc["sample_map"] = list(sample_map)
@@ -56,7 +56,7 @@ def prepare_train_features(examples: dict, tokenizer, max_length: int, doc_strid
 def prepare_eval_features(examples: dict, tokenizer, max_length: int, doc_stride: int,
                           keep_sample_map: bool = False) -> dict:
     """Like :func:`prepare_train_features` but keeps ``example_id`` and context-only offsets for post-processing."""
-    enc, ctx_id = _windows(examples, tokenizer, max_length, doc_stride)
+    enc, ctx_id = windows(examples, tokenizer, max_length, doc_stride)
     sample_map = enc.pop("overflow_to_sample_mapping")
     if keep_sample_map:
         enc["sample_map"] = list(sample_map)

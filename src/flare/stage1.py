@@ -197,7 +197,7 @@ def run(cfg: Stage1Config) -> dict:
     def evaluator(ds):
         return Evaluator(cfg.task, cfg.spec, tokenizer, ds, cfg.max_length, batch_size=a["batch_size"],
                          doc_stride=a["doc_stride"], max_answer_length=a["max_answer_length"],
-                         generate_max_tokens=a["generate_max_tokens"])
+                         generate_max_tokens=a["generate_max_tokens"], parse=a["parse"])
 
     results: dict = {}
     if not a["eval_only"]:

@@ -14,8 +14,11 @@ flare-mt            ... ``--fusion_fn ... --fuse_mt --mt_model nllb-600m``     `
 ==================  =========================================================  ==========================
 
 Every mode loads ``--load_ckpt`` (a run directory of run_task_ft.py) and verifies that each adapter and head tensor
-loaded. Training modes merge the English task LoRA into the base weights (also into 4-bit weights) and train a new
-LoRA (+ the task head) on the translated training data. Writes ``{output_dir}/{run_name}/`` with
+loaded. Training modes keep the English task LoRA as a frozen adapter (``--stage1_merge none``, the default; see
+:mod:`flare.models.stack`) and train a new LoRA (+ a copy of the task head) on top of it on the translated training
+data. Before training, the first validation batch proves that the stage-2 model with its fresh adapter computes the
+stage-1 model's outputs (``stage1_start_max_abs_diff``, an error above 1e-5 unless ``--stage1_merge requantize``).
+Writes ``{output_dir}/{run_name}/`` with
 ``results_{zs|test}.json``, ``predictions_{zs|test}.jsonl``, ``run_config.json``, the new adapter
 (``adapter_model.safetensors``) and the fusion modules (``fusion_model.safetensors``: cross-attention, MT projection).
 """
@@ -23,6 +26,7 @@ LoRA (+ the task head) on the translated training data. Writes ``{output_dir}/{r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -42,12 +46,18 @@ from flare.common_args import (
 )
 from flare.config import TASKS, ModelSpec, model_name, resolve_model
 from flare.data import check_task_language
-from flare.models.fusion import FUSION_FNS
+from flare.models.fusion import DECODER_FUSION_FNS, FUSION_FNS
 
 logger = logging.getLogger("flare.run")
 
 MODES = ("zero-shot", "translate-test", "translate-train", "input-fusion", "flare", "flare-mt")
 ADAPTER_NAMES = {"translate-train": "lora-default", "input-fusion": "inputfusion", "flare-mt": "flare-fusemt"}
+STAGE1_MERGE = ("none", "exact", "requantize")
+STAGE1_TOLERANCE = 1e-5  # largest |logit| difference between the fresh stage-2 model and the stage-1 model
+
+
+class Stage1MismatchError(RuntimeError):
+    """The stage-2 model with its fresh adapter does not compute the stage-1 model's outputs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mt_model", default=None, help="FLARE MT encoder: nllb-600m, nllb-3.3b or a local NLLB folder")
     p.add_argument("--input_fusion", action="store_true",
                    help="input-level fusion baseline: English + target in one input, max_length doubled")
+    p.add_argument("--stage1_merge", default="none", choices=STAGE1_MERGE,
+                   help="how training modes hold the stage-1 LoRA: none = a frozen adapter under the new one (exact "
+                        "on any base); exact = merged into unquantised base weights (exact, a little faster); "
+                        "requantize = merged into 4-bit/8-bit weights as the original did (re-quantising loses most "
+                        "of it: see README)")
     return p
 
 
@@ -215,6 +230,9 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         mt_spec = resolve_model(args.mt_model)
         if mt_spec.family != "seq2seq":
             raise UsageError(f"--mt_model {args.mt_model} is not a translation (NLLB) model")
+    if args.fusion_fn and spec.family == "decoder" and args.fusion_fn not in DECODER_FUSION_FNS:
+        raise UsageError(f"--fusion_fn {args.fusion_fn} is not causal, so a decoder cannot use it; choose one of: "
+                         f"{', '.join(DECODER_FUSION_FNS)}")
     if args.cross_attention_heads <= 0 or args.lora_r % args.cross_attention_heads:
         raise UsageError(f"--cross_attention_heads {args.cross_attention_heads} must be positive and divide "
                          f"--lora_r {args.lora_r}")
@@ -224,6 +242,13 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
     device = resolve_device(args.device)
     check_bf16(args.bf16, device)
     quantize = args.quantize or saved.get("quantize") or spec.quantize
+    if trains and args.stage1_merge == "exact" and quantize != "none":
+        raise UsageError(f"--stage1_merge exact: the base is quantised ({quantize}), and merging into quantised "
+                         "weights re-quantises them (most of the stage-1 update is lost); use --stage1_merge none "
+                         "(default, exact) or --stage1_merge requantize (the original's merge)")
+    if trains and args.stage1_merge == "requantize" and quantize == "none":
+        raise UsageError("--stage1_merge requantize: the base is not quantised, so merging is exact; use "
+                         "--stage1_merge exact (or none)")
     max_length = args.max_length or saved.get("max_length") or TASKS[args.task].max_length
     if mode == "input-fusion":
         max_length *= 2
@@ -305,36 +330,71 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_model(cfg: Stage2Config, tokenizer):
-    """(model, fusion): the stage-1 model verifiably loaded; for training modes its LoRA merged and a new adapter."""
-    from flare.models.fusion import Fusion, MTEncoder
+def model_outputs(model, batch: dict, fusion=None):
+    """Every score the model gives one batch (logits, or QA start and end logits), flattened, in eval mode."""
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), (fusion.source(batch) if fusion is not None else contextlib.nullcontext()):
+            out = model(**inputs)
+    finally:
+        model.train(was_training)
+    fields = [out.logits] if getattr(out, "logits", None) is not None else [out.start_logits, out.end_logits]
+    return torch.cat([f.float().flatten().cpu() for f in fields])
+
+
+def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None):
+    """(model, fusion, start): the stage-1 model verifiably loaded; for training modes a new adapter on top of it
+    (stacked, or after merging as ``--stage1_merge`` says) and its fusion. ``probe`` (a model-ready batch) checks
+    that the fresh stage-2 model computes the stage-1 model's outputs: ``start`` records the largest difference."""
+    from flare.models.fusion import Fusion
     from flare.models.loading import add_lora, load_checked, load_model, lora_config
+    from flare.models.stack import STAGE1, stack_new_adapter
 
     a = cfg.args
     base = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=a["bf16"],
                       gradient_checkpointing=a["gradient_checkpointing"] and cfg.trains)
-    model = load_checked(base, cfg.load_ckpt, is_trainable=False, adapter_name="lora")
+    model = load_checked(base, cfg.load_ckpt, is_trainable=False, adapter_name=STAGE1)
     if not cfg.trains:
-        return model, None
-    merged = model.merge_and_unload()  # the English task LoRA becomes part of the (possibly 4-bit) base weights
-    # peft's adapter name stays "default" so Trainer checkpoints reload it; results record the original's name
-    model = add_lora(merged, lora_config(cfg.spec, cfg.task, r=a["lora_r"], alpha=a["lora_alpha"],
-                                         dropout=a["lora_dropout"], target_modules=cfg.target_modules,
-                                         freeze_head=a["freeze_lm_head"]))
-    if cfg.mode not in ("flare", "flare-mt"):
-        return model, None
-    config = model.get_base_model().config
-    mt = MTEncoder(cfg.mt_spec.hub_id, cfg.device) if cfg.mode == "flare-mt" else None
-    fusion = Fusion(model, layers=cfg.spec.layers, targets=cfg.spec.fusion_targets, adapter="default",
-                    fusion_fn=cfg.fusion_fn, padding_side=tokenizer.padding_side,
-                    cross_attention_heads=a["cross_attention_heads"],
-                    attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
-                                            or getattr(config, "attention_dropout", 0.0) or 0.0),
-                    mt_encoder=mt).attach()
-    return model, fusion
+        return model, None, {}
+    reference = model_outputs(model, probe) if probe is not None else None  # the stage-1 model itself
+    new = lora_config(cfg.spec, cfg.task, r=a["lora_r"], alpha=a["lora_alpha"], dropout=a["lora_dropout"],
+                      target_modules=cfg.target_modules, freeze_head=a["freeze_lm_head"])
+    if a["stage1_merge"] == "none":
+        model = stack_new_adapter(model, new)
+    else:  # exact (unquantised) or requantize (the original's merge into quantised weights)
+        model = add_lora(model.merge_and_unload(), new)
+    fusion = None
+    if cfg.mode in ("flare", "flare-mt"):
+        config = model.get_base_model().config
+        fusion = Fusion(model, layers=cfg.spec.layers, targets=cfg.spec.fusion_targets, adapter="default",
+                        fusion_fn=cfg.fusion_fn, padding_side=tokenizer.padding_side,
+                        causal=cfg.spec.family == "decoder", cross_attention_heads=a["cross_attention_heads"],
+                        attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
+                                                or getattr(config, "attention_dropout", 0.0) or 0.0),
+                        mt_encoder=mt).attach()
+    start: dict = {}
+    if reference is not None:
+        diff = (model_outputs(model, probe, fusion) - reference).abs().max().item()
+        if fusion is not None:
+            fusion.calls.update(train=0, eval=0)  # count the run's own calls only
+        start = {"stage1_start_max_abs_diff": diff}
+        logger.info("stage-2 model with its fresh adapter vs the stage-1 model: max |diff| %.3g (--stage1_merge %s)",
+                    diff, a["stage1_merge"])
+        if diff > STAGE1_TOLERANCE:
+            if a["stage1_merge"] != "requantize":
+                raise Stage1MismatchError(
+                    f"the stage-2 model with its fresh adapter differs from the stage-1 model by {diff:.3g} "
+                    f"(> {STAGE1_TOLERANCE}) on the first validation batch; it must start from stage 1 exactly")
+            logger.warning("!!! --stage1_merge requantize: stage 2 starts from a model that differs from the stage-1 "
+                           "model by up to %.3g in its outputs (re-quantised merge, as the original)", diff)
+    return model, fusion, start
 
 
-def _features(cfg: Stage2Config, ds, tokenizer, fusion, train: bool):
+def _features(cfg: Stage2Config, ds, tokenizer, mt, train: bool):
     from flare.data.stage2_features import stage2_features
     from flare.languages import nllb_code
 
@@ -345,8 +405,8 @@ def _features(cfg: Stage2Config, ds, tokenizer, fusion, train: bool):
         if fallback:
             logger.warning("!!! NLLB has no code for %s: the MT encoder reads it as Indonesian (%s)", cfg.target_lang,
                            code)
-        fusion.mt.lang_token_id(code)
-        kwargs = dict(mt_tokenizer=fusion.mt.tokenizer, mt_lang_code=code)
+        mt.lang_token_id(code)
+        kwargs = dict(mt_tokenizer=mt.tokenizer, mt_lang_code=code)
     mode = cfg.mode if cfg.mode in ("flare", "flare-mt", "input-fusion") else "plain"
     return ds.map(lambda b: stage2_features(b, task=cfg.task, spec=cfg.spec, tokenizer=tokenizer,
                                             max_length=cfg.max_length, doc_stride=a["doc_stride"], train=train,
@@ -360,7 +420,9 @@ def run(cfg: Stage2Config) -> dict:
     from flare.data.features import PadCollator
     from flare.data.stage2_features import MT_PREFIX, SOURCE_PREFIX
     from flare.evaluation import Evaluator
+    from flare.models.fusion import MTEncoder
     from flare.models.loading import count_parameters, load_tokenizer, save_adapter
+    from flare.models.stack import NEW, activate, is_stacked
     from flare.stage1 import training_arguments
     from flare.trainer import FlareTrainer
 
@@ -370,39 +432,54 @@ def run(cfg: Stage2Config) -> dict:
     set_seed(cfg.seed)
     data = load_data(cfg)  # every file checked before a model is loaded
     tokenizer = load_tokenizer(cfg.spec)
-    model, fusion = build_model(cfg, tokenizer)
+    mt = MTEncoder(cfg.mt_spec.hub_id, cfg.device) if cfg.mode == "flare-mt" else None
+    pad_values = {"mt_input_ids": mt.tokenizer.pad_token_id} if mt is not None else None
+
+    def extra_columns(feats) -> tuple[str, ...]:
+        return tuple(c for c in feats.column_names if c.startswith((SOURCE_PREFIX, MT_PREFIX)))
+
+    val_feats, probe = None, None
+    if cfg.trains:  # the first validation batch also checks that stage 2 starts from the stage-1 model
+        val_feats = _features(cfg, data.validation, tokenizer, mt, train=False)
+        keep = ("input_ids", "attention_mask", "token_type_ids", *extra_columns(val_feats))
+        rows = val_feats.select(range(min(a["batch_size"], len(val_feats))))
+        probe = {k: v.to(cfg.device) for k, v in PadCollator(tokenizer.pad_token_id, tokenizer.padding_side,
+                                                              keep=keep, pad_values=pad_values)(list(rows)).items()}
+    model, fusion, start = build_model(cfg, tokenizer, probe, mt)
     param_total, param_train = count_parameters(model)
     logger.info("mode %s: %d parameters, %d trainable (%.3f%%)", cfg.mode, param_total, param_train,
                 100 * param_train / max(param_total, 1))
-    pad_values = {"mt_input_ids": fusion.mt.tokenizer.pad_token_id} if fusion is not None and fusion.mt else None
 
-    def evaluator(ds):
-        feats = _features(cfg, ds, tokenizer, fusion, train=False)
-        extra = tuple(c for c in feats.column_names if c.startswith((SOURCE_PREFIX, MT_PREFIX)))
+    def evaluator(ds, feats=None):
+        feats = feats if feats is not None else _features(cfg, ds, tokenizer, mt, train=False)
         return Evaluator(cfg.task, cfg.spec, tokenizer, ds, cfg.max_length, batch_size=a["batch_size"],
                          doc_stride=a["doc_stride"], max_answer_length=a["max_answer_length"],
                          generate_max_tokens=a["generate_max_tokens"], features=feats,
-                         batch_context=fusion.batch_context if fusion else None, extra_columns=extra,
-                         pad_values=pad_values)
+                         batch_context=fusion.source if fusion else None, extra_columns=extra_columns(feats),
+                         pad_values=pad_values, parse=a["parse"])
 
-    results: dict = dict(data.counts)
+    results: dict = dict(data.counts, **start, stage1_merge=a["stage1_merge"] if cfg.trains else None)
     if cfg.trains:
-        feats = _features(cfg, data.train, tokenizer, fusion, train=True)
+        feats = _features(cfg, data.train, tokenizer, mt, train=True)
         label_names = ("labels",) if cfg.spec.family == "decoder" or info.kind == "cls" else (
             "start_positions", "end_positions")
-        source_cols = tuple(c for c in feats.column_names if c.startswith((SOURCE_PREFIX, MT_PREFIX)))
+        source_cols = extra_columns(feats)
         keep = ("input_ids", "attention_mask", "token_type_ids", *label_names, *source_cols)
-        val_eval = evaluator(data.validation)
+        val_eval = evaluator(data.validation, val_feats)
+        stacked = is_stacked(model)
         trainer = FlareTrainer(
             model=model, args=training_arguments(cfg, len(feats), label_names, info.best_metric),
             train_dataset=feats, eval_dataset=val_eval.features,
             data_collator=PadCollator(tokenizer.pad_token_id, tokenizer.padding_side, keep=keep,
                                       pad_values=pad_values),
             processing_class=tokenizer, evaluator=val_eval, fusion=fusion, source_columns=source_cols,
+            save_adapters=(NEW,) if stacked else None,
         )
         resume = a["resume_from_checkpoint"]
         t0 = time.time()
         train_out = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+        if stacked:
+            activate(model)  # the best checkpoint's reload may have reset which adapters the layers run
         results.update(train_runtime=time.time() - t0, train_loss=train_out.training_loss,
                        train_steps=trainer.state.global_step, best_checkpoint=trainer.state.best_model_checkpoint,
                        n_train=len(data.train), n_train_features=len(feats), n_validation=len(data.validation))
@@ -443,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     try:
         run(cfg)  # loads and checks the data before any model
-    except (UsageError, CheckpointError, TranslationDataError, FileNotFoundError) as e:
+    except (UsageError, CheckpointError, TranslationDataError, FileNotFoundError, Stage1MismatchError) as e:
         return fail(str(e))
     return 0
 

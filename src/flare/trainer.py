@@ -9,17 +9,25 @@ projection) are saved into every checkpoint and reloaded with the best one or on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from flare.evaluation import Evaluator
 
 
 class FlareTrainer(Trainer):
-    def __init__(self, *args, evaluator: Evaluator, fusion=None, source_columns: tuple[str, ...] = (), **kwargs):
+    """``save_adapters``: the peft adapters a checkpoint holds (stage 2: only the new one, not the frozen stage-1
+    adapter under it); None saves every adapter, as Trainer does."""
+
+    def __init__(self, *args, evaluator: Evaluator, fusion=None, source_columns: tuple[str, ...] = (),
+                 save_adapters: tuple[str, ...] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.evaluator, self.fusion, self.source_columns = evaluator, fusion, tuple(source_columns)
+        self.save_adapters = save_adapters
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.fusion is None:
@@ -38,9 +46,17 @@ class FlareTrainer(Trainer):
 
     # the fusion modules live outside peft's adapter state dict: save and load them beside it
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.save_adapters is None:
+            super()._save(output_dir, state_dict)
+        elif self.args.should_save:  # Trainer._save for a peft model, restricted to the selected adapters
+            os.makedirs(output_dir, exist_ok=True)
+            self.model.save_pretrained(output_dir, selected_adapters=list(self.save_adapters))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         if self.fusion is not None:
-            self.fusion.save(output_dir or self.args.output_dir)
+            self.fusion.save(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -33,22 +33,30 @@ def _ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def fit_prompt(task: str, example: dict, tokenizer, budget: int,
-               template: str | None = None) -> tuple[list[int], bool]:
-    """Prompt ids of at most ``budget`` tokens, shortening the task's long field first; returns (ids, truncated)."""
+def fit_example(task: str, example: dict, tokenizer, budget: int,
+                template: str | None = None) -> tuple[dict, list[int], bool]:
+    """The example with its long field shortened until its prompt has at most ``budget`` tokens: (example, prompt
+    ids, truncated). In the last resort (the template alone is too long) the ids keep the prompt's tail."""
     field = TASKS[task].truncate_field
     example = dict(example)
     ids = _ids(tokenizer, decoder_prompt(task, example, template))
     truncated = False
     for _ in range(4):
         if len(ids) <= budget:
-            return ids, truncated
+            return example, ids, truncated
         truncated = True
         offsets = tokenizer(example[field], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         keep = max(len(offsets) - (len(ids) - budget) - 2, 0)
         example[field] = example[field][: offsets[keep - 1][1]] if keep > 0 else ""
         ids = _ids(tokenizer, decoder_prompt(task, example, template))
-    return ids[len(ids) - budget:], True  # last resort: keep the prompt's tail (the template's "Answer: ")
+    return example, ids[len(ids) - budget:], True  # last resort: keep the prompt's tail (the template's "Answer: ")
+
+
+def fit_prompt(task: str, example: dict, tokenizer, budget: int,
+               template: str | None = None) -> tuple[list[int], bool]:
+    """Prompt ids of at most ``budget`` tokens, shortening the task's long field first; returns (ids, truncated)."""
+    _, ids, truncated = fit_example(task, example, tokenizer, budget, template)
+    return ids, truncated
 
 
 def answer_text(task: str, example: dict) -> str:

@@ -1,10 +1,15 @@
 """Stage-2 model features: the target features of stage 1, plus what each mode adds.
 
 * ``flare``: ``src_input_ids``/``src_attention_mask`` of the English source side (decoders: the source PROMPT only,
-  as the original; encoder QA: the source question + context, one sequence per example, given to each window).
+  as the original). Encoder QA: the English question + context is cut into doc-stride windows like the target,
+  and target window k is fused with English window k, or with the last English window when the English context has
+  fewer (the original fused every window with the English sequence from its start).
 * ``flare-mt``: ``mt_input_ids``/``mt_attention_mask``: the MT tokenizer on the TARGET text the model sees, tagged
   with the target language's real NLLB code (the original tagged it as English). Padded on the model's side by
   the collator, so MT and model positions line up (the original right-padded one and left-padded the other).
+  A decoder prompt that does not fit is shortened inside its long field for the model, and the MT text is that same
+  shortened prompt (shortened further, the same way, if the MT tokenizer needs more tokens): both keep the
+  template's end (the original cut the MT text on the right).
 * ``input-fusion``: English and target in one input (formats of the original, see ``INPUT_FUSION_TEMPLATES``); the
   English part gets at most half of the (doubled) ``max_length``. Encoders use the tokenizer's pair encoding, so
   the two texts are separated (the original concatenated NusaX texts with no separator).
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 from flare import qa
 from flare.config import TASKS, ModelSpec
-from flare.data.features import cut_tokens, decoder_features, encoder_cls_features
+from flare.data.features import answer_text, cut_tokens, decoder_features, encoder_cls_features, fit_example
 from flare.prompts import INPUT_FUSION_TEMPLATES, decoder_prompt, encoder_text
 
 SOURCE_PREFIX, MT_PREFIX = "src_", "mt_"
@@ -76,23 +81,64 @@ def target_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_l
     return prepare(batch, tokenizer, max_length, doc_stride, keep_sample_map=True)
 
 
-def source_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_length: int) -> dict:
-    """One English source sequence per example (un-prefixed keys)."""
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def source_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_length: int,
+                    doc_stride: int = 128) -> tuple[dict, list[int]]:
+    """English source sequences (un-prefixed keys) and, for each, the example it belongs to: one per example, or
+    (encoder QA) one per doc-stride window of the English question + context, in order."""
     view = source_view(batch, task)
     if spec.family == "decoder":
         enc = decoder_features(view, task, tokenizer, max_length, train=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if TASKS[task].kind == "cls":
+    elif TASKS[task].kind == "cls":
         enc = encoder_cls_features(view, task, tokenizer, max_length)
     else:
-        enc = tokenizer(view["question"], view["context"], truncation="only_second", max_length=max_length)
-    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        enc, _ = qa.windows(view, tokenizer, max_length, doc_stride)
+        owners = list(enc["overflow_to_sample_mapping"])
+        return {k: v for k, v in enc.items() if k in MODEL_KEYS}, owners
+    return {k: v for k, v in enc.items() if k in MODEL_KEYS}, list(range(len(enc["input_ids"])))
 
 
-def mt_features(batch: dict, *, task: str, spec: ModelSpec, mt_tokenizer, mt_lang_code: str, max_length: int) -> dict:
-    """The MT tokenizer on the target text, tagged with the target's NLLB code."""
+def match_windows(sample_map: list[int], owners: list[int]) -> list[int]:
+    """For each target feature (window k of example ``sample_map[f]``), the source sequence to fuse with: window k of
+    the same example's source, or its last window if the source has fewer."""
+    by_example: dict[int, list[int]] = {}
+    for i, example in enumerate(owners):
+        by_example.setdefault(example, []).append(i)
+    seen: dict[int, int] = {}
+    out = []
+    for example in sample_map:
+        k = seen.get(example, 0)
+        seen[example] = k + 1
+        windows = by_example[example]
+        out.append(windows[min(k, len(windows) - 1)])
+    return out
+
+
+def mt_texts(batch: dict, *, task: str, spec: ModelSpec, tokenizer, mt_tokenizer, max_length: int,
+             train: bool) -> list[str]:
+    """The target text as the model reads it, for the MT encoder. Decoders: the prompt shortened inside its long
+    field exactly as the model's (its budget leaves room for the answer in training), then further, the same way,
+    until the MT tokenizer fits it in ``max_length`` (with its end-of-sequence token)."""
+    rows = _rows(batch)
+    if spec.family != "decoder":
+        return [model_text(task, spec, r) for r in rows]
+    texts = []
+    for row in rows:
+        budget = max_length - (len(tokenizer(answer_text(task, row), add_special_tokens=False)["input_ids"]) + 1
+                               if train else 0)
+        row = fit_example(task, row, tokenizer, budget)[0]
+        texts.append(decoder_prompt(task, fit_example(task, row, mt_tokenizer, max_length - 1)[0]))
+    return texts
+
+
+def mt_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, mt_tokenizer, mt_lang_code: str,
+                max_length: int, train: bool = False) -> dict:
+    """The MT tokenizer on the target text the model sees, tagged with the target's NLLB code."""
     mt_tokenizer.src_lang = mt_lang_code
-    texts = [model_text(task, spec, r) for r in _rows(batch)]
+    texts = mt_texts(batch, task=task, spec=spec, tokenizer=tokenizer, mt_tokenizer=mt_tokenizer,
+                     max_length=max_length, train=train)
     enc = mt_tokenizer(texts, truncation=True, max_length=max_length)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -104,13 +150,15 @@ def stage2_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_l
                           doc_stride=doc_stride, train=train, input_fusion=mode == "input-fusion")
     n_examples = len(next(iter(batch.values())))
     sample_map = out.pop("sample_map", None) or list(range(n_examples))  # feature -> example within this batch
-    extra: dict[str, list] = {}
     if mode == "flare":
-        extra = {SOURCE_PREFIX + k: v for k, v in source_features(batch, task=task, spec=spec, tokenizer=tokenizer,
-                                                                  max_length=max_length).items()}
+        source, owners = source_features(batch, task=task, spec=spec, tokenizer=tokenizer, max_length=max_length,
+                                         doc_stride=doc_stride)
+        pick = match_windows(sample_map, owners)
+        for key, values in source.items():
+            out[SOURCE_PREFIX + key] = [values[i] for i in pick]
     elif mode == "flare-mt":
-        extra = {MT_PREFIX + k: v for k, v in mt_features(batch, task=task, spec=spec, mt_tokenizer=mt_tokenizer,
-                                                          mt_lang_code=mt_lang_code, max_length=max_length).items()}
-    for key, values in extra.items():
-        out[key] = [values[i] for i in sample_map]
+        mt = mt_features(batch, task=task, spec=spec, tokenizer=tokenizer, mt_tokenizer=mt_tokenizer,
+                         mt_lang_code=mt_lang_code, max_length=max_length, train=train)
+        for key, values in mt.items():
+            out[MT_PREFIX + key] = [values[i] for i in sample_map]
     return out

@@ -65,6 +65,10 @@ class FusionError(RuntimeError):
     """Fusion is configured but cannot run (no source set, lengths that do not line up, missing modules)."""
 
 
+class _Captured(Exception):
+    """Ends the source pass once every fused layer's input is captured (raised from a forward pre-hook)."""
+
+
 # ---------------------------------------------------------------------------------------------- fusion functions
 class CrossAttentionFusion(nn.Module):
     """r-dimensional multi-head cross-attention: query from the source, key and value from the target (as the
@@ -367,14 +371,17 @@ class Fusion:
     @torch.no_grad()
     def capture(self, batch: dict) -> list[torch.Tensor]:
         """Input hidden state of every layer for the ``src_*`` inputs, run by the stage-1 model (new adapter off,
-        eval mode): n_layers x (B, Ls, D)."""
+        eval mode): n_layers x (B, Ls, D). The pass stops once the last layer's input is captured: that layer, the
+        final norm and the head never run."""
         captured: list[torch.Tensor] = []
+        layers = find_layers(self.model, self.layers_suffix)
 
         def pre_hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             captured.append(hidden.detach())
+            if len(captured) == len(layers):
+                raise _Captured
 
-        layers = find_layers(self.model, self.layers_suffix)
         handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
         hf_model = self.model.get_base_model()
         body = getattr(hf_model, hf_model.base_model_prefix)  # the transformer without its head (no logits)
@@ -386,6 +393,8 @@ class Fusion:
         try:
             with stage1_only(self.model):
                 body(**inputs)
+        except _Captured:
+            pass
         finally:
             self.model.train(was_training)
             for handle in handles:

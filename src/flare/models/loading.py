@@ -116,8 +116,11 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
-    """Adapter + head weights in safetensors (never the, possibly 4-bit, base model)."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    """Adapter + head weights in safetensors (never the, possibly 4-bit, base model); of a stage-2 stack only the
+    new adapter (the frozen stage-1 adapter is the ``--load_ckpt`` run's)."""
+    from flare.models.stack import NEW, is_stacked
+
+    model.save_pretrained(out_dir, safe_serialization=True, selected_adapters=[NEW] if is_stacked(model) else None)
 
 
 def load_checked(base_model, ckpt_dir: str | Path, *, is_trainable: bool, adapter_name: str = "default") -> PeftModel:

@@ -29,7 +29,8 @@ NEW = "default"  # peft's default name: Trainer's checkpoint saving and best-mod
 
 
 def _layers(model) -> list[BaseTunerLayer]:
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not isinstance(m, AuxiliaryTrainingWrapper)]
+    return [m for m in model.modules()
+            if isinstance(m, BaseTunerLayer) and not isinstance(m, AuxiliaryTrainingWrapper)]
 
 
 def _wrappers(model) -> list[AuxiliaryTrainingWrapper]:
