@@ -279,3 +279,17 @@ def test_length_sorted_evaluation_keeps_the_example_order(tiny_models, data_dir,
     assert sorted(lengths, reverse=True) == [lengths[i] for i in order] and len(set(lengths)) > 1
     assert not np.array_equal(order, np.arange(len(order)))  # the reordering is really exercised
     assert four.predict(model) == one.predict(model)
+
+
+def test_quantised_encoder_keeps_nested_heads_in_full_precision(tiny_models):
+    """Regression: 'pooler' in the 4-bit skip list never matched BERT's 'bert.pooler.dense', so the trained pooler
+    was quantised (and a checkpoint without a pooler, like me5-small's, crashed in the first training step)."""
+    import torch
+
+    from flare.config import resolve_model
+    from flare.models.loading import load_model
+
+    spec = resolve_model(str(tiny_models / "bert"))
+    model = load_model(spec, "nusax", quantize="4bit", device="cpu", bf16=False)
+    assert type(model.bert.pooler.dense) is torch.nn.Linear and type(model.classifier) is torch.nn.Linear
+    assert type(model.bert.encoder.layer[0].attention.self.query).__name__ == "Linear4bit"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -46,7 +47,12 @@ def bnb_config(spec: ModelSpec, kind: str, quantize: str, compute_dtype: torch.d
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = list(spec.head_modules(kind)) if spec.family == "encoder" else None  # heads stay in full precision
+    skip = None
+    if spec.family == "encoder":  # heads stay in full precision, also when nested (BERT's "bert.pooler.dense"):
+        # transformers matches a skip name from the start of a module name or as its suffix, so also give it as a
+        # pattern that may follow any prefix
+        names = spec.head_modules(kind)
+        skip = [*names, *(rf"(?:.*\.)?{re.escape(n)}" for n in names)]
     if quantize == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                                   bnb_4bit_use_double_quant=False, llm_int8_skip_modules=skip)
