@@ -313,3 +313,26 @@ def test_mt_fusion_gets_gradients_in_its_projection(tiny_models):
         model(**t, labels=torch.tensor([0, 1])).loss.backward()
     assert fusion.modules.proj.weight.grad is not None and fusion.modules.proj.weight.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in mt.encoder.parameters())
+
+
+def test_source_pass_runs_the_stage1_model_in_eval_mode_and_stops_after_the_last_layer(tiny_models):
+    """Regression: the original's source pass ran in train mode (dropout noise on the English states) and computed
+    the whole model with its head. Here it is deterministic during training and skips the last layer's compute."""
+    spec, tok, model = _model(tiny_models, "xlm-roberta")
+    fusion = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn="add",
+                    padding_side=tok.padding_side)
+    batch = _batch(tok, TEXTS, SOURCES)
+    model.train()  # dropout 0.1 in the tiny XLM-R
+    first, second = fusion.capture(batch), fusion.capture(batch)
+    assert model.training and all(torch.equal(a, b) for a, b in zip(first, second))
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        hidden = model(input_ids=batch["src_input_ids"], attention_mask=batch["src_attention_mask"],
+                       output_hidden_states=True).hidden_states
+    assert all(torch.equal(a, b) for a, b in zip(first, hidden[:-1]))
+    calls = []
+    last = model.get_base_model().roberta.encoder.layer[-1]
+    handle = last.register_forward_hook(lambda *a: calls.append(1))
+    fusion.capture(batch)
+    handle.remove()
+    assert calls == []  # the last layer never ran: only its input is needed
