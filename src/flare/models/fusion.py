@@ -288,10 +288,6 @@ class Fusion:
             handle.remove()
         self._handles = []
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def _make_hook(self, layer: int, key: str, dropout: nn.Module):
         def hook(lora_a: nn.Linear, args, t: torch.Tensor) -> torch.Tensor:  # t = A(dropout(x_t)): (B, L, r)
             state = self._state
@@ -402,9 +398,6 @@ class Fusion:
         if len(captured) != len(layers):
             raise FusionError(f"captured {len(captured)} layer inputs for {len(layers)} layers")
         return captured
-
-    def batch_context(self, batch: dict) -> contextlib.AbstractContextManager:
-        return self.source(batch)
 
     # ------------------------------------------------------------------ save / load
     def has_weights(self) -> bool:
