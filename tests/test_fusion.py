@@ -15,6 +15,7 @@ from flare.models.fusion import (
     FusionError,
     MTEncoder,
     align,
+    find_layers,
     fuse,
 )
 from flare.models.loading import load_model, load_tokenizer, lora_config
@@ -336,3 +337,49 @@ def test_source_pass_runs_the_stage1_model_in_eval_mode_and_stops_after_the_last
     fusion.capture(batch)
     handle.remove()
     assert calls == []  # the last layer never ran: only its input is needed
+
+
+
+@pytest.mark.parametrize("family,mt", [("xlm-roberta", False), ("llama", False), ("xlm-roberta", True)])
+def test_source_cache_reuses_states_and_gives_the_uncached_outputs(tiny_models, family, mt):
+    """--cache_source_states: a batch of cached examples skips the source pass and fuses the same states; in a new
+    batch composition (other padding) the outputs agree up to rounding."""
+    spec, tok, model = _model(tiny_models, family)
+    model.eval()
+    _randomise_b(model)
+    encoder = MTEncoder(str(tiny_models / "nllb"), "cpu") if mt else None
+    kwargs = dict(layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn="add_relu",
+                  padding_side=tok.padding_side, mt_encoder=encoder)
+    texts, sources = TEXTS + ["apik tenan"], SOURCES + ["very good indeed, a long sentence to force padding"]
+
+    def batch_of(rows):
+        b = _batch(tok, [texts[i] for i in rows], [sources[i] for i in rows])
+        if mt:
+            m = encoder.tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True)
+            b |= {"mt_input_ids": m["input_ids"], "mt_attention_mask": m["attention_mask"]}
+        return b
+
+    both, all3, two = batch_of([0, 1]), batch_of([1, 2, 0]), batch_of([2, 0])
+    plain = Fusion(model, **kwargs).attach()
+    expected_both, expected_all3, expected_two = (_logits(model, b, plain) for b in (both, all3, two))
+    plain.detach()
+    cached = Fusion(model, **kwargs, cache_source_states=True).attach()
+    cached.modules.load_state_dict(plain.modules.state_dict())  # FLARE MT: the same (random) projection
+    assert torch.equal(_logits(model, both, cached), expected_both)  # computed: exactly the uncached pass
+    assert cached.cache.stats == {"hits": 0, "misses": 1, "full": 0} and len(cached.cache.entries) == 2
+    passes = []
+    source_model = encoder.encoder if mt else find_layers(model, spec.layers)[0]
+    handle = source_model.register_forward_pre_hook(lambda *a: passes.append(1))
+    assert torch.equal(_logits(model, both, cached), expected_both)  # served from the cache, bit for bit
+    assert cached.cache.stats["hits"] == 1 and passes == ([] if mt else [1])  # (the target pass runs layer 0)
+    passes.clear()
+    assert torch.allclose(_logits(model, all3, cached), expected_all3, atol=1e-5)  # one new example: computed
+    assert len(passes) == (1 if mt else 2) and len(cached.cache.entries) == 3
+    passes.clear()
+    assert torch.allclose(_logits(model, two, cached), expected_two, atol=1e-5)  # every row cached, other padding
+    assert len(passes) == (0 if mt else 1) and cached.cache.stats["hits"] == 2
+    handle.remove()
+    cached.detach()
+    full = Fusion(model, **kwargs, cache_source_states=True, cache_limit_mb=0).attach()
+    _logits(model, both, full)
+    assert full.cache.entries == {} and full.cache.stats["full"] == 2  # past the bound: computed, not stored

@@ -134,6 +134,34 @@ def test_zero_shot_on_english_reproduces_stage1(world, family, task, tmp_path):
     assert zs_lines == lines(world["ck"] / f"{task}-en-{family}-3" / "predictions_test.jsonl")
 
 
+@pytest.mark.parametrize("family,extra", [("xlm-roberta", ["--fusion_fn", "add_relu"]),
+                                          ("llama", ["--fusion_fn", "cross-attention"]),
+                                          ("xlm-roberta", ["--fusion_fn", "add", "--fuse_mt", "--mt_model", "MT"])])
+def test_cached_source_states_give_the_uncached_run(world, tmp_path, family, extra):
+    """--cache_source_states: 3 epochs (2 steps each) and 3 validations reuse the first epoch's source states; the
+    losses, metrics and predictions equal the uncached run's."""
+    extra = [str(world["models"] / "nllb") if e == "MT" else e for e in extra]
+    flags = [*train_flags(world, "nusax", "jav"), *extra, "--max_steps", "6", "--num_evals", "3"]
+    out = {}
+    for cache in (False, True):
+        assert run2(world, family, "nusax", *flags, *(["--cache_source_states"] if cache else []),
+                    out=tmp_path / str(cache)) == 0
+        (run_dir,) = (tmp_path / str(cache)).iterdir()
+        out[cache] = (json.loads((run_dir / "results_test.json").read_text()),
+                      (run_dir / "predictions_test.jsonl").read_text())
+    (plain, plain_pred), (cached, cached_pred) = out[False], out[True]
+    assert "source_cache_examples" not in plain
+    # 16 training + 8 validation examples stored once; every later epoch and validation batch is served
+    assert cached["source_cache_examples"] == 16 + 8 + 8  # + the 8 test examples (computed once)
+    assert cached["source_cache_hit_batches"] >= 2 * 2 + 3
+    # later epochs reuse states computed in another batch (other padding): rounding only. The 4-bit decoder's CPU
+    # kernels round differently per input shape (about 1e-4 relative), which 6 steps at lr 1e-3 carry into the loss
+    assert cached["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-3 if family == "llama" else 1e-5)
+    assert {k: v for k, v in cached.items() if k.startswith("test_") and k != "test_runtime"} == \
+        {k: v for k, v in plain.items() if k.startswith("test_") and k != "test_runtime"}
+    assert cached_pred == plain_pred
+
+
 def test_qlora_decoder_trains_flare_with_gradient_checkpointing(world):
     assert run2(world, "llama", "nusax", *train_flags(world, "nusax", "jav"), "--fusion_fn", "add_relu",
                 "--gradient_checkpointing") == 0

@@ -33,6 +33,15 @@ whenever a new source is set. Encoders fuse bidirectionally. The position-wise f
 
 The source pass runs the stage-1 model exactly (:func:`flare.models.stack.stage1_only`: the new adapter off, the
 frozen stage-1 adapter on), in eval mode (no dropout).
+
+Source cache (``cache_source_states``, run.py ``--cache_source_states``): that pass runs the FROZEN stage-1 model
+(FLARE MT: the frozen NLLB encoder), so an example's layer inputs never change during training. The cache keeps
+them per example (keyed by the example's source token ids, its padding removed) in CPU memory, on first use, and
+reuses them in every later epoch and validation: a batch whose examples are all cached skips the source pass. A
+batch with any new example runs the pass as without the cache (so the first epoch is computed exactly as uncached)
+and stores the new examples. Later epochs differ from the uncached run only in floating-point rounding (the
+cached states were computed in another batch, with other padding). ``cache_limit_mb`` bounds the memory: past it,
+new examples are no longer stored (they are recomputed).
 """
 
 from __future__ import annotations
@@ -229,6 +238,56 @@ class FusionModules(nn.Module):
         self.proj = nn.Linear(mt_dim, d_model) if mt_dim else None  # d_mt -> model width
 
 
+class SourceCache:
+    """Source states per example, on the CPU: key (the example's unpadded source ids) -> (n, L_example, D)."""
+
+    def __init__(self, limit_mb: float = 4096):
+        self.limit_bytes = limit_mb * 2**20
+        self.entries: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+        self.stats = {"hits": 0, "misses": 0, "full": 0}  # batches served, batches computed, examples not stored
+
+    @staticmethod
+    def keys(ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
+        ids, mask = ids.cpu(), mask.cpu().bool()
+        return [ids[b][mask[b]].numpy().tobytes() for b in range(ids.shape[0])]
+
+    def lookup(self, keys: list[bytes], mask: torch.Tensor) -> list[torch.Tensor] | None:
+        """n x (B, Ls, D) with every row's states at its unmasked positions (zeros elsewhere), or None."""
+        if not all(k in self.entries for k in keys):
+            return None
+        first = self.entries[keys[0]]
+        n, d = first.shape[0], first.shape[-1]
+        out = first.new_zeros(n, len(keys), mask.shape[1], d)  # (n, B, Ls, D)
+        rows = mask.cpu().bool()
+        for b, key in enumerate(keys):
+            out[:, b, rows[b]] = self.entries[key]
+        self.stats["hits"] += 1
+        return list(out.to(mask.device).unbind(0))
+
+    def store(self, keys: list[bytes], mask: torch.Tensor, states: list[torch.Tensor]) -> None:
+        self.stats["misses"] += 1
+        rows = mask.cpu().bool()
+        stacked = None
+        for b, key in enumerate(keys):
+            if key in self.entries:
+                continue
+            if stacked is None:
+                stacked = torch.stack([s.detach() for s in states]).cpu()  # (n, B, Ls, D)
+            entry = stacked[:, b, rows[b]].clone()  # (n, L_example, D)
+            size = entry.numel() * entry.element_size()
+            if self.bytes + size > self.limit_bytes:
+                self.stats["full"] += 1
+                continue
+            self.entries[key] = entry
+            self.bytes += size
+
+    def summary(self) -> dict:
+        return {"source_cache_examples": len(self.entries), "source_cache_mb": round(self.bytes / 2**20, 1),
+                "source_cache_hit_batches": self.stats["hits"], "source_cache_miss_batches": self.stats["misses"],
+                "source_cache_not_stored": self.stats["full"]}
+
+
 @dataclass
 class _State:
     sources: list[torch.Tensor] | torch.Tensor  # per layer (B, Lt, D), or one MT tensor (B, Lt, d_mt) for all
@@ -250,7 +309,8 @@ class Fusion:
 
     def __init__(self, model: nn.Module, *, layers: str, targets: tuple[str, ...], adapter: str, fusion_fn: str,
                  padding_side: str, cross_attention_heads: int = 1, attention_dropout: float = 0.0,
-                 mt_encoder: MTEncoder | None = None, causal: bool | None = None):
+                 mt_encoder: MTEncoder | None = None, causal: bool | None = None,
+                 cache_source_states: bool = False, cache_limit_mb: float = 4096):
         if fusion_fn not in FUSION_FNS:
             raise ValueError(f"unknown fusion function {fusion_fn!r}; choose one of: {', '.join(FUSION_FNS)}")
         self.model, self.adapter, self.fn = model, adapter, fusion_fn
@@ -268,6 +328,7 @@ class Fusion:
                                      d_model).to(device)
         model.add_module("flare_fusion", self.modules)
         self.calls = {"train": 0, "eval": 0}
+        self.cache = SourceCache(cache_limit_mb) if cache_source_states else None
         self._state: _State | None = None
         self._handles: list = []
 
@@ -350,19 +411,32 @@ class Fusion:
         tgt_mask = batch["attention_mask"]
         answer_len = (batch["labels"] != -100).sum(-1) if "labels" in batch and batch["labels"].dim() == 2 else None
         if self.mt is not None:
-            src_mask = batch["mt_attention_mask"].to(tgt_mask.device)
-            hidden = self.mt.encode(batch["mt_input_ids"], batch["mt_attention_mask"]).to(tgt_mask.device)
+            ids, src_mask = batch["mt_input_ids"], batch["mt_attention_mask"].to(tgt_mask.device)
+            states = self._cached(ids, src_mask, lambda: [self.mt.encode(ids, src_mask)])
             index, valid = align(src_mask, tgt_mask, self.padding_side, answer_len)
-            sources = gather_positions(hidden, index, valid)
+            sources = gather_positions(states[0].to(tgt_mask.device), index, valid)
         else:
             src_mask = batch["src_attention_mask"].to(tgt_mask.device)
+            states = self._cached(batch["src_input_ids"], src_mask, lambda: self.capture(batch))
             index, valid = align(src_mask, tgt_mask, self.padding_side, answer_len)
-            sources = [gather_positions(h, index, valid) for h in self.capture(batch)]
+            sources = [gather_positions(h, index, valid) for h in states]
         self._state = _State(sources, valid, tgt_mask)
         try:
             yield
         finally:
             self._state = None
+
+    def _cached(self, ids: torch.Tensor, mask: torch.Tensor, compute) -> list[torch.Tensor]:
+        """``compute()`` (n x (B, Ls, D)), or the same states from the source cache when it holds every row."""
+        if self.cache is None:
+            return compute()
+        keys = self.cache.keys(ids, mask)
+        hit = self.cache.lookup(keys, mask)
+        if hit is not None:
+            return hit
+        states = compute()
+        self.cache.store(keys, mask, states)
+        return states
 
     @torch.no_grad()
     def capture(self, batch: dict) -> list[torch.Tensor]:
