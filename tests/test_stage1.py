@@ -293,3 +293,44 @@ def test_quantised_encoder_keeps_nested_heads_in_full_precision(tiny_models):
     model = load_model(spec, "nusax", quantize="4bit", device="cpu", bf16=False)
     assert type(model.bert.pooler.dense) is torch.nn.Linear and type(model.classifier) is torch.nn.Linear
     assert type(model.bert.encoder.layer[0].attention.self.query).__name__ == "Linear4bit"
+
+
+@pytest.mark.parametrize("single_token", [True, False])
+def test_score_mode_ranks_label_words_by_their_likelihood(tiny_models, data_dir, single_token):
+    """--eval_mode score: each label word's log-likelihood after the prompt equals the one computed example by
+    example without padding (one pass for one-token label words, teacher-forced passes otherwise)."""
+    import torch
+
+    from flare.config import resolve_model
+    from flare.data import load_task
+    from flare.evaluation import Evaluator
+    from flare.models.loading import load_model, load_tokenizer
+
+    spec = resolve_model(str(tiny_models / "llama"))
+    tok = load_tokenizer(spec)
+    model = load_model(spec, "nusax", quantize="none", device="cpu", bf16=False).eval()
+    ev = Evaluator("nusax", spec, tok, load_task("nusax", "jav", "test", data_dir).select(range(6)), 64,
+                   batch_size=3, eval_mode="score")
+    assert [len(ids) for ids in ev.label_ids] == [3, 4, 4]  # the tiny tokenizer splits the label words
+    if single_token:
+        ev.label_ids = [[384], [287], [982]]
+    batch = next(ev.batches())
+    scores = ev.label_scores(model, batch)
+    for row, k in enumerate(ev.order[:3]):
+        prompt = ev.features[int(k)]["input_ids"]
+        for j, ids in enumerate(ev.label_ids):
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+            expected = sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids))
+            assert scores[row, j].item() == pytest.approx(expected, abs=1e-4)
+    preds = ev.predict(model)
+    assert len(preds) == 6 and all(p in (0, 1, 2) for p in preds)  # a label for every example, never unparseable
+
+
+def test_score_mode_in_stage1_and_its_usage_error(tmp_path, tiny_models, capsys):
+    run_dir, res = run(tmp_path, tiny_models, "llama", "nusax", "--eval_mode", "score")
+    assert res["args"]["eval_mode"] == "score" and res["test_unparseable"] == 0
+    assert '"output"' not in (run_dir / "predictions_test.jsonl").read_text()
+    message = _bad(tmp_path, capsys, ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"),
+                                      "--eval_mode", "score"])
+    assert "--eval_mode score ranks label words" in message and "drop --eval_mode score" in message

@@ -162,6 +162,17 @@ def test_cached_source_states_give_the_uncached_run(world, tmp_path, family, ext
     assert cached_pred == plain_pred
 
 
+@pytest.mark.parametrize("fn", ["add_relu", "cross-attention"])
+def test_score_mode_with_fusion_labels_every_example(world, tmp_path, fn):
+    """--eval_mode score on a 4-bit decoder with FLARE: the fused model ranks the label words (fusion runs in the
+    scoring passes), every example gets a label."""
+    assert run2(world, "llama", "nusax", *train_flags(world, "nusax", "jav"), "--fusion_fn", fn, "--eval_mode",
+                "score", out=tmp_path) == 0
+    (run_dir,) = tmp_path.iterdir()
+    res = json.loads((run_dir / "results_test.json").read_text())
+    assert res["fusion_calls_eval"] > 0 and res["test_unparseable"] == 0 and res["args"]["eval_mode"] == "score"
+
+
 def test_qlora_decoder_trains_flare_with_gradient_checkpointing(world):
     assert run2(world, "llama", "nusax", *train_flags(world, "nusax", "jav"), "--fusion_fn", "add_relu",
                 "--gradient_checkpointing") == 0

@@ -75,8 +75,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="decoders, classification: how a generated answer becomes a label. first: the first label "
                         "word in the output (case and punctuation ignored); strict: the original's rule (XNLI: the "
                         "whole output is the label word; NusaX: its last token is)")
+    p.add_argument("--eval_mode", default="generate", choices=["generate", "score"],
+                   help="decoders, classification: generate = greedy generation parsed by --parse (the original); "
+                        "score = rank the label words by likelihood (one forward pass when each is one token)")
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="resume training from a checkpoint-* folder, or 'last' for the newest in the run dir")
+
+
+def check_eval_mode(eval_mode: str, family: str, task: str) -> None:
+    if eval_mode == "score" and (family != "decoder" or TASKS[task].kind != "cls"):
+        raise UsageError(f"--eval_mode score ranks label words, for decoders on classification tasks; {task} with "
+                         f"a {family} model has no label words to rank: drop --eval_mode score")
 
 
 def resolve_device(device: str) -> str:

@@ -6,6 +6,11 @@ prediction per example; ``score(predictions)`` gives the metrics; ``records(pred
 Batches are formed longest first (little padding: about half the compute on NusaX) and predictions are put back in
 the examples' order.
 
+Decoders classify by greedy generation (``eval_mode="generate"``, the original) or by ``eval_mode="score"``: the
+label words ranked by their log-likelihood after the prompt (the sum over a label's tokens, as the training
+tokenised it). If every label word is one token, that is ONE forward pass per batch that computes the logits of
+the last position only; otherwise one teacher-forced pass per label word, aligned for fusion exactly as training.
+
 ``batch_context`` lets stage 2 wrap every model call (e.g. to set the fusion source for the batch): it receives the
 whole batch, including the ``extra_columns`` (``src_*``/``mt_*`` source inputs) that are not passed to the model.
 Stage 1 passes nothing.
@@ -31,6 +36,7 @@ from flare.prompts import label_rule, parse_answer, parse_label
 logger = logging.getLogger(__name__)
 
 BatchContext = Callable[[dict], contextlib.AbstractContextManager]
+EVAL_MODES = ("generate", "score")
 
 
 def _no_context(batch: dict) -> contextlib.AbstractContextManager:
@@ -42,10 +48,17 @@ class Evaluator:
                  batch_size: int = 32, doc_stride: int = 128, max_answer_length: int = 30,
                  generate_max_tokens: int = 100, features: datasets.Dataset | None = None,
                  batch_context: BatchContext | None = None, extra_columns: tuple[str, ...] = (),
-                 pad_values: dict | None = None, parse: str = "first"):
+                 pad_values: dict | None = None, parse: str = "first", eval_mode: str = "generate"):
         self.task, self.info, self.spec, self.tokenizer = task, TASKS[task], spec, tokenizer
         self.label_rule = label_rule(task, parse) if self.info.kind == "cls" else None
         self.outputs: list[str] | None = None  # decoders: the raw generated texts of the last predict()
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"--eval_mode {eval_mode!r}: choose one of {', '.join(EVAL_MODES)}")
+        if eval_mode == "score" and (spec.family != "decoder" or self.info.kind != "cls"):
+            raise ValueError("--eval_mode score ranks label words: decoders on classification tasks only")
+        self.eval_mode = eval_mode
+        self.label_ids = ([tokenizer(w, add_special_tokens=False)["input_ids"] for w in self.info.labels]
+                          if self.info.kind == "cls" else [])
         self.examples, self.max_length, self.batch_size = examples, max_length, batch_size
         self.doc_stride, self.max_answer_length = doc_stride, max_answer_length
         self.batch_context = batch_context or _no_context
@@ -90,6 +103,8 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
+            if self.eval_mode == "score":
+                return self._score_labels(model)
             if self.spec.family == "decoder":
                 return self._generate(model)
             if self.info.kind == "cls":
@@ -147,6 +162,33 @@ class Evaluator:
         if self.info.kind == "cls":
             return [parse_label(text, self.info.labels, self.label_rule) for text in outputs]
         return [parse_answer(text) for text in outputs]
+
+    def label_scores(self, model, batch: dict) -> torch.Tensor:
+        """(B, n_labels) log-likelihood of each label word after each (left-padded) prompt of ``batch``."""
+        inputs = self._inputs(batch)
+        if all(len(ids) == 1 for ids in self.label_ids):  # one pass; the logits of the last position only
+            with self.batch_context(batch):
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+            return logits.log_softmax(-1)[:, [ids[0] for ids in self.label_ids]]
+        scores = []
+        for ids in self.label_ids:  # teacher-forced: prompt + label word, as in training (without its EOS)
+            n, b = len(ids), inputs["input_ids"].shape[0]
+            label = torch.tensor(ids, device=inputs["input_ids"].device).expand(b, n)
+            full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], label], 1),
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(label)], 1))
+            labels = torch.cat([torch.full_like(inputs["input_ids"], -100), label], 1)
+            with self.batch_context(dict(batch, **full, labels=labels)):
+                logits = model(**full, logits_to_keep=n + 1).logits[:, :-1].float()  # (B, n, V): predict the label
+            scores.append(logits.log_softmax(-1).gather(-1, label[..., None]).squeeze(-1).sum(-1))
+        return torch.stack(scores, -1)
+
+    def _score_labels(self, model) -> list[int]:
+        device, preds = self._device(model), []
+        for batch in tqdm(self.batches(), desc="score", leave=False, total=self._n_batches()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            preds += self.label_scores(model, batch).argmax(-1).tolist()
+        self.outputs = None
+        return [preds[k] for k in self._back]
 
     def _n_batches(self) -> int:
         return (len(self.features) + self.batch_size - 1) // self.batch_size

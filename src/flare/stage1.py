@@ -19,6 +19,7 @@ from flare.common_args import (
     UsageError,
     add_common_args,
     check_bf16,
+    check_eval_mode,
     fail,
     resolve_device,
     write_json_atomic,
@@ -76,6 +77,7 @@ def resolve_config(args: argparse.Namespace) -> Stage1Config:
     lang = check_task_language(args.task, args.lang)
     if args.adapter != "lora":
         raise UsageError(f"--adapter {args.adapter!r} is not supported; the only adapter is 'lora'")
+    check_eval_mode(args.eval_mode, spec.family, args.task)
     device = resolve_device(args.device)
     check_bf16(args.bf16, device)
     quantize = args.quantize or spec.quantize
@@ -197,7 +199,8 @@ def run(cfg: Stage1Config) -> dict:
     def evaluator(ds):
         return Evaluator(cfg.task, cfg.spec, tokenizer, ds, cfg.max_length, batch_size=a["batch_size"],
                          doc_stride=a["doc_stride"], max_answer_length=a["max_answer_length"],
-                         generate_max_tokens=a["generate_max_tokens"], parse=a["parse"])
+                         generate_max_tokens=a["generate_max_tokens"], parse=a["parse"],
+                         eval_mode=a["eval_mode"])
 
     results: dict = {}
     if not a["eval_only"]:

@@ -39,6 +39,7 @@ from flare.common_args import (
     UsageError,
     add_common_args,
     check_bf16,
+    check_eval_mode,
     fail,
     resolve_device,
     write_json_atomic,
@@ -247,6 +248,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
     for name in ("lora_r", "lora_alpha", "batch_size", "epochs", "num_evals", "cache_source_mb"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive")
+    check_eval_mode(args.eval_mode, spec.family, args.task)
     device = resolve_device(args.device)
     check_bf16(args.bf16, device)
     quantize = args.quantize or saved.get("quantize") or spec.quantize
@@ -465,7 +467,7 @@ def run(cfg: Stage2Config) -> dict:
                          doc_stride=a["doc_stride"], max_answer_length=a["max_answer_length"],
                          generate_max_tokens=a["generate_max_tokens"], features=feats,
                          batch_context=fusion.source if fusion else None, extra_columns=extra_columns(feats),
-                         pad_values=pad_values, parse=a["parse"])
+                         pad_values=pad_values, parse=a["parse"], eval_mode=a["eval_mode"])
 
     results: dict = dict(data.counts, **start, stage1_merge=a["stage1_merge"] if cfg.trains else None)
     if cfg.trains:
