@@ -209,8 +209,18 @@ class MTEncoder:
     def __init__(self, hub_id: str, device: str):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(hub_id)
         seq2seq = AutoModelForSeq2SeqLM.from_pretrained(hub_id, dtype=torch.float32)
+        self._setup(seq2seq, AutoTokenizer.from_pretrained(hub_id), device)
+
+    @classmethod
+    def from_model(cls, seq2seq: nn.Module, tokenizer, device: str) -> MTEncoder:
+        """An MT encoder from a loaded seq2seq model (e.g. a random one built from a config, for benchmarks)."""
+        self = cls.__new__(cls)
+        self._setup(seq2seq, tokenizer, device)
+        return self
+
+    def _setup(self, seq2seq: nn.Module, tokenizer, device: str) -> None:
+        self.tokenizer = tokenizer
         self.encoder = seq2seq.get_encoder().to(device).eval().requires_grad_(False)
         self.dim = seq2seq.config.d_model
         self.device = device
