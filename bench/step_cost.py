@@ -181,7 +181,7 @@ CELLS = {
 
 def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
     """Every cell of one model, interleaved over ``args.rounds`` rounds. Cached cells are timed in the steady state
-    of epoch 2 and later: each batch's source states are stored (untimed) before its timed step."""
+    of epoch 2 and later: the source states of the round's batches are stored (untimed) before its timed steps."""
     import random
 
     import torch
@@ -236,10 +236,11 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
             batches = [make_batch(d, layout, decoder, vocab, args.device, gen, mt_vocab) for d in draws]
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            for i, batch in enumerate(batches):
-                if cache:  # epoch >= 2: this example's source states are in the cache
+            if cache:  # epoch >= 2: every example's source states are in the cache before the steps
+                for batch in batches:
                     with torch.no_grad(), fusions[name].source(batch):
                         pass
+            for i, batch in enumerate(batches):
                 sync()
                 t0 = time.perf_counter()
                 run(name, batch, train=True)

@@ -160,6 +160,30 @@ def test_sweep_skips_finished_runs_and_continues_after_failures(tmp_path):
     assert skipped == ["flare/add_relu jav seed 1"] and failed == ["bad"] and ran == ["ok", "ok2"]
 
 
+def test_in_process_sweep_gives_the_results_of_separate_processes(tmp_path, tiny_models):
+    """--in_process: stage 1, the translations and two stage-2 runs (LoRA, then FLARE after it) in one process give
+    exactly the metrics, losses and predictions of one process per job."""
+    small = "--max_train_samples 16 --max_eval_samples 8 --max_steps 3 --batch_size 8 --num_evals 1"
+    outputs = {}
+    for in_process in (False, True):
+        out = tmp_path / ("in" if in_process else "sub")
+        argv = ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"), "--langs", "jav", "--modes", "lora",
+                "flare", "--seeds", "5", "--mt", "reference", "--data_dir", str(REPO / "data"),
+                "--output_dir", str(out / "ck"), "--translations", str(out / "tr"), "--stage1_args", small,
+                "--stage2_args", small, *(["--in_process"] if in_process else [])]
+        assert sweep.main(argv) == 0
+        runs = sorted((out / "ck").glob("*/results_test.json"))
+        assert len(runs) == 3  # stage 1, LoRA, FLARE
+
+        def strip(res):
+            return {k: v for k, v in res.items() if "runtime" not in k and k not in ("args", "run_dir", "load_ckpt",
+                                                                                      "path_mt", "best_checkpoint")}
+
+        outputs[in_process] = {r.parent.name: (strip(json.loads(r.read_text())),
+                                               (r.parent / "predictions_test.jsonl").read_text()) for r in runs}
+    assert outputs[True] == outputs[False]
+
+
 def test_demo_sh_runs_and_a_rerun_skips_every_finished_stage(tmp_path, me5_dir):
     """demo.sh itself, shrunk by its environment overrides: stage 1, translations, zero-shot and translate-train LoRA
     on the real me5-small, then the report; the second run redoes no stage and leaves every result untouched."""

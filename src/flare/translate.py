@@ -109,8 +109,10 @@ class NLLBTranslator:
     def token_length(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def translate(self, texts: list[str], src_code: str, tgt_code: str, stats: Stats) -> list[str]:
-        """Translate a batch-planned list (already unique, sorted); returns outputs in the same order."""
+    def translate(self, texts: list[str], src_code: str, tgt_code: str, stats: Stats,
+                  logits_processors: Callable[[list[str]], list] | None = None) -> list[str]:
+        """Translate a batch-planned list (already unique, sorted); returns outputs in the same order.
+        ``logits_processors(batch)``: extra generation logits processors for one batch (benchmarks)."""
         import torch
 
         self.tokenizer.src_lang = src_code
@@ -125,7 +127,9 @@ class NLLBTranslator:
             with torch.inference_mode():
                 generated = self.model.generate(**enc.to(self.device), forced_bos_token_id=forced,
                                                 max_length=self.max_length, num_beams=self.num_beams,
-                                                do_sample=False)
+                                                do_sample=False,
+                                                logits_processor=logits_processors(batch) if logits_processors
+                                                else None)
             out += self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return out
 
