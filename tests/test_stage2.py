@@ -134,9 +134,10 @@ def test_zero_shot_on_english_reproduces_stage1(world, family, task, tmp_path):
     assert zs_lines == lines(world["ck"] / f"{task}-en-{family}-3" / "predictions_test.jsonl")
 
 
-@pytest.mark.parametrize("family,extra", [("xlm-roberta", ["--fusion_fn", "add_relu"]),
-                                          ("llama", ["--fusion_fn", "cross-attention"]),
-                                          ("xlm-roberta", ["--fusion_fn", "add", "--fuse_mt", "--mt_model", "MT"])])
+@pytest.mark.parametrize("family,extra", [
+    ("xlm-roberta", ["--fusion_fn", "add_relu"]),
+    pytest.param("llama", ["--fusion_fn", "cross-attention"], marks=pytest.mark.slow),
+    pytest.param("xlm-roberta", ["--fusion_fn", "add", "--fuse_mt", "--mt_model", "MT"], marks=pytest.mark.slow)])
 def test_cached_source_states_give_the_uncached_run(world, tmp_path, family, extra):
     """--cache_source_states: 3 epochs (2 steps each) and 3 validations reuse the first epoch's source states; the
     losses, metrics and predictions equal the uncached run's."""
