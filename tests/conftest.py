@@ -33,9 +33,10 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    """Tiny random llama / gemma2 / xlm-roberta / bert / nllb models with working tokenizers (built once)."""
-    from flare.tiny_models import write_tiny_models
+    """Tiny random llama / gemma2 / xlm-roberta / bert / nllb models, and the newer families (qwen3, gemma3_text,
+    phi3, mistral, xlm-roberta-xl), with working tokenizers (built once; the tokenizers are shared)."""
+    from flare.tiny_models import EXTRA_FAMILIES, FAMILIES, write_tiny_models
 
     out = tmp_path_factory.mktemp("tiny-models")
-    write_tiny_models(out, data_dir=DATA)
+    write_tiny_models(out, data_dir=DATA, families=FAMILIES + EXTRA_FAMILIES)
     return out

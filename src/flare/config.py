@@ -29,6 +29,7 @@ class ModelSpec:
     heads: dict = dataclasses.field(default_factory=dict)  # task kind (cls | qa | lm) -> trainable head modules
     attn_implementation: str | None = None
     model_type: str | None = None
+    no_fusion: str | None = None  # why FLARE cannot run on this family (fused q/k/v), or None
 
     def head_modules(self, kind: str) -> tuple[str, ...]:
         return tuple(self.heads.get(kind, ()))
@@ -56,6 +57,20 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "gemma2": dict(family="decoder", layers="layers", lora_targets=DECODER_LINEAR,
                    fusion_targets=("q_proj", "v_proj"), padding_side="left", heads=_DEC_HEADS,
                    attn_implementation="eager"),
+    "qwen3": dict(family="decoder", layers="layers", lora_targets=DECODER_LINEAR, fusion_targets=("q_proj", "v_proj"),
+                  padding_side="left", heads=_DEC_HEADS),
+    "gemma3_text": dict(family="decoder", layers="layers", lora_targets=DECODER_LINEAR,
+                        fusion_targets=("q_proj", "v_proj"), padding_side="left", heads=_DEC_HEADS,
+                        attn_implementation="eager"),
+    # Phi-3 computes q, k and v in ONE linear (qkv_proj) and gate/up in one (gate_up_proj): LoRA works on them, but
+    # FLARE's fusion into the query and value bottlenecks would also fuse into the key; refused (see no_fusion)
+    "phi3": dict(family="decoder", layers="layers", lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+                 fusion_targets=(), padding_side="left", heads=_DEC_HEADS,
+                 no_fusion="Phi-3 computes q, k and v in one linear layer (qkv_proj), so FLARE cannot fuse into the "
+                           "query and value only; fusing into qkv_proj would change the keys too (not the paper's "
+                           "method). Use translate-train LoRA or input-level fusion with this model"),
+    "xlm-roberta-xl": dict(family="encoder", layers="encoder.layer", lora_targets=("query", "value"),
+                           fusion_targets=("query", "value"), heads=_ENC_HEADS),
     "m2m_100": dict(family="seq2seq", layers="encoder.layers", lora_targets=("q_proj", "v_proj"),
                     fusion_targets=()),
 }

@@ -237,6 +237,8 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         mt_spec = resolve_model(args.mt_model)
         if mt_spec.family != "seq2seq":
             raise UsageError(f"--mt_model {args.mt_model} is not a translation (NLLB) model")
+    if args.fusion_fn and spec.no_fusion:
+        raise UsageError(f"--fusion_fn with --plm {args.plm} ({spec.model_type}): {spec.no_fusion}")
     if args.fusion_fn and spec.family == "decoder" and args.fusion_fn not in DECODER_FUSION_FNS:
         raise UsageError(f"--fusion_fn {args.fusion_fn} is not causal, so a decoder cannot use it; choose one of: "
                          f"{', '.join(DECODER_FUSION_FNS)}")

@@ -1,6 +1,7 @@
 """Tiny random models with WORKING tokenizers, for tests and quick smoke runs.
 
-``python -m flare.tiny_models OUT_DIR`` writes ``OUT_DIR/{llama,gemma2,xlm-roberta,bert,nllb}``: each a normal
+``python -m flare.tiny_models OUT_DIR`` writes ``OUT_DIR/{llama,gemma2,xlm-roberta,bert,nllb}`` (and, with
+``--families``, the newer ``qwen3``, ``gemma3_text``, ``phi3``, ``mistral``, ``xlm-roberta-xl``): each a normal
 Hugging Face model directory (config + safetensors + tokenizer) that ``from_pretrained`` and ``--plm OUT_DIR/llama``
 load like any hub model. The tokenizers are SentencePiece unigram models trained on the shipped multilingual data
 (NusaX, XNLI, TyDiQA), saved in each family's own tokenizer class with its special-token conventions; the NLLB one
@@ -26,6 +27,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "gemma2", "xlm-roberta", "bert", "nllb")
+# newer families (one tiny test each, tests/test_families.py); their tokenizers reuse a convention above
+EXTRA_FAMILIES = ("qwen3", "gemma3_text", "phi3", "mistral", "xlm-roberta-xl")
+DECODERS = ("llama", "gemma2", "qwen3", "gemma3_text", "phi3", "mistral")
+# which tokenizer (class + SentencePiece convention) a family's tiny model uses
+TOKENIZER_OF = {"qwen3": "llama", "phi3": "llama", "mistral": "llama", "gemma3_text": "gemma2",
+                "xlm-roberta-xl": "xlm-roberta"}
 VOCAB_SIZE = 4000
 WIDTH = 64  # bitsandbytes CPU 4-bit kernels need in_features >= 64 and out_features % 32 == 0
 LAYERS = 2
@@ -86,6 +93,7 @@ def _tokenizer(family: str, spm_files: dict[str, Path], out: Path):
 
     from flare.languages import LANGUAGES
 
+    family = TOKENIZER_OF.get(family, family)
     cls, file_name, convention, kwargs = {
         "llama": (LlamaTokenizer, "tokenizer.model", "llama", {"pad_token": "<unk>"}),
         "gemma2": (GemmaTokenizer, "tokenizer.model", "gemma", {}),
@@ -105,10 +113,34 @@ def _tokenizer(family: str, spm_files: dict[str, Path], out: Path):
 
 
 def _config(family: str, tok):
-    from transformers import BertConfig, Gemma2Config, LlamaConfig, M2M100Config, XLMRobertaConfig
+    from transformers import (
+        BertConfig,
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        M2M100Config,
+        MistralConfig,
+        Phi3Config,
+        Qwen3Config,
+        XLMRobertaConfig,
+        XLMRobertaXLConfig,
+    )
 
     vocab = len(tok)
     common = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family in ("qwen3", "mistral", "phi3"):
+        cls = {"qwen3": Qwen3Config, "mistral": MistralConfig, "phi3": Phi3Config}[family]
+        extra = dict(head_dim=WIDTH // HEADS) if family == "qwen3" else {}
+        return cls(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                   tie_word_embeddings=False, **extra, **special, **common)
+    if family == "gemma3_text":
+        return Gemma3TextConfig(vocab_size=vocab, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                                max_position_embeddings=MAX_POSITIONS, sliding_window=MAX_POSITIONS,
+                                attn_implementation="eager", **special, **common)
+    if family == "xlm-roberta-xl":
+        return XLMRobertaXLConfig(vocab_size=vocab, max_position_embeddings=MAX_POSITIONS + 2, type_vocab_size=1,
+                                  **special, **common)
     if family == "llama":
         return LlamaConfig(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -139,7 +171,7 @@ def _model(family: str, config):
         AutoModelForSeq2SeqLM,
     )
 
-    if family in ("llama", "gemma2"):
+    if family in DECODERS:
         return AutoModelForCausalLM.from_config(config)
     if family == "nllb":
         return AutoModelForSeq2SeqLM.from_config(config)
@@ -151,13 +183,14 @@ def write_tiny_models(out_dir: str | Path, data_dir: str | Path | None = None,
     """Write tiny random models with trained tokenizers; returns ``{family: model_dir}``."""
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in FAMILIES + EXTRA_FAMILIES]
     if unknown:
-        raise ValueError(f"unknown tiny model families {unknown}; choose from {FAMILIES}")
+        raise ValueError(f"unknown tiny model families {unknown}; choose from {FAMILIES + EXTRA_FAMILIES}")
     texts = corpus_texts(data_dir)
     paths: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        needed = {"llama" if f == "llama" else "gemma" if f == "gemma2" else "fairseq" for f in families}
+        conventions = {"llama": "llama", "gemma2": "gemma"}
+        needed = {conventions.get(TOKENIZER_OF.get(f, f), "fairseq") for f in families}
         spm_files = {c: train_spm(texts, c, Path(tmp) / f"{c}.model") for c in sorted(needed)}
         for family in families:
             torch.manual_seed(seed)
@@ -175,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write the tiny models into (one subfolder per family)")
     parser.add_argument("--data_dir", default=None, help="data folder to train the tokenizers on (default: data/)")
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="which models")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES + EXTRA_FAMILIES,
+                        help="which models")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     paths = write_tiny_models(args.out_dir, args.data_dir, tuple(args.families))
