@@ -132,6 +132,16 @@ def test_report_means_std_and_missing_runs(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_writing_a_report_does_not_load_torch(tmp_path):
+    """The report and the atomic writers (flare.files) are standard library + pandas/matplotlib: no torch."""
+    _result(tmp_path / "ck", "nusax", "zero-shot", "jav", 1, 0.60)
+    code = ("import sys; from flare import report; rc = report.main([sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((tmp_path / "ck" / "report").glob("*.md"))
+
+
 def test_report_without_results_fails(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2 and "no stage-2 results" in capsys.readouterr().err
     assert report.main([str(tmp_path / "nope")]) == 2

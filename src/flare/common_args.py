@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -114,29 +111,6 @@ def check_bf16(bf16: bool, device: str) -> None:
         raise UsageError("--bf16: this GPU does not support bf16; drop --bf16")
     if device == "cpu" and not cpu_has_bf16():
         raise UsageError("--bf16: this CPU has no native bf16 (avx512_bf16/amx); drop --bf16 to train in fp32")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def fail(message: str) -> int:

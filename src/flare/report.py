@@ -154,7 +154,7 @@ def plot(task: str, plm: str, table: dict, path: Path) -> None:
 
 def write_report(tables: dict, out: Path) -> list[Path]:
     """Markdown, CSV and PNG per (task, model) table of :func:`build_tables` into ``out``."""
-    from flare.common_args import atomic_write
+    from flare.files import atomic_write
 
     written = []
     out.mkdir(parents=True, exist_ok=True)

@@ -42,11 +42,10 @@ from flare.common_args import (
     check_eval_mode,
     fail,
     resolve_device,
-    write_json_atomic,
-    write_jsonl_atomic,
 )
 from flare.config import TASKS, ModelSpec, model_name, resolve_model
 from flare.data import check_task_language
+from flare.files import write_json_atomic, write_jsonl_atomic
 from flare.models.fusion import DECODER_FUSION_FNS, FUSION_FNS
 
 logger = logging.getLogger("flare.run")

@@ -24,9 +24,9 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
-from flare.common_args import atomic_write
 from flare.config import resolve_model
 from flare.data import load_task
+from flare.files import atomic_write
 from flare.languages import nllb_code, resolve
 
 logger = logging.getLogger(__name__)

@@ -492,7 +492,7 @@ class Fusion:
             return
         from safetensors.torch import save_file
 
-        from flare.common_args import atomic_write
+        from flare.files import atomic_write
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.modules.state_dict().items()}
         atomic_write(Path(out_dir) / FUSION_FILE, lambda p: save_file(state, str(p)))
