@@ -159,7 +159,7 @@ def random_mt_encoder(shape: str, device: str):
     import torch
     from transformers import M2M100Config, M2M100ForConditionalGeneration
 
-    from flare.models.fusion import MTEncoder
+    from flare.models.loading import MTEncoder
 
     torch.manual_seed(2)
     config = M2M100Config(**NLLB_SHAPES[shape], decoder_layers=1, max_position_embeddings=1024)

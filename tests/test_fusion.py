@@ -13,12 +13,11 @@ from flare.models.fusion import (
     CrossAttentionFusion,
     Fusion,
     FusionError,
-    MTEncoder,
     align,
     find_layers,
     fuse,
 )
-from flare.models.loading import load_model, load_tokenizer, lora_config
+from flare.models.loading import MTEncoder, load_model, load_tokenizer, lora_config
 
 
 # ---------------------------------------------------------------------------------------------- pure functions

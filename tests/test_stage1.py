@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -12,7 +13,9 @@ from flare.config import TASKS
 from flare.models.loading import CheckpointError
 from flare.prompts import parse_answer, parse_label
 
-FAST = ["--data_dir", "data", "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "2",
+DATA = str(Path(__file__).resolve().parents[1] / "data")  # independent of the working directory
+
+FAST = ["--data_dir", DATA, "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "2",
         "--batch_size", "8", "--lr", "1e-3", "--seed", "3"]
 
 
@@ -114,7 +117,7 @@ def test_freeze_lm_head_trains_far_fewer_parameters(tmp_path, tiny_models):
 # ---------------------------------------------------------------- bad input: fails before loading, writes nothing
 def _bad(tmp_path, capsys, argv):
     out = tmp_path / "out"
-    code = stage1.main([*argv, "--output_dir", str(out), "--seed", "1", "--data_dir", "data"])
+    code = stage1.main([*argv, "--output_dir", str(out), "--seed", "1", "--data_dir", DATA])
     assert code != 0 and not out.exists()
     return capsys.readouterr().err
 
@@ -204,7 +207,7 @@ def test_train_task_ft_sh_with_overrides(tmp_path, tiny_models):
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TASK": "nusax", "PLM": str(tiny_models / "xlm-roberta"), "SEED": "7", "BF16": "0",
-           "DATA_DIR": "data", "OUTPUT_DIR": str(tmp_path),
+           "DATA_DIR": DATA, "OUTPUT_DIR": str(tmp_path),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", "train_task_ft.sh", "--max_train_samples", "8", "--max_eval_samples", "4",
                            "--max_steps", "1"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,6 +13,8 @@ import run_translate
 from flare import translate as tr
 from flare.data import load_task
 from flare.translate import MARK, TranslateJob, TranslationError, mark_answer, project_answer, run_job
+
+DATA = str(Path(__file__).resolve().parents[1] / "data")  # independent of the working directory
 
 
 # ---------------------------------------------------------------- QA answer projection
@@ -62,7 +65,7 @@ class FakeTranslator:
 
 
 def _job(tmp_path, task="nusax", **kw):
-    kw = {"source_lang": "en", "target_lang": "jav", "model": "fake", "output_dir": tmp_path, "data_dir": "data",
+    kw = {"source_lang": "en", "target_lang": "jav", "model": "fake", "output_dir": tmp_path, "data_dir": DATA,
           "splits": ("test",), **kw}
     return TranslateJob(task=task, **kw)
 
@@ -72,7 +75,7 @@ def test_dedup_sort_and_restore_input_order(tmp_path, monkeypatch):
     fake = FakeTranslator()
     run_job(_job(tmp_path, task="xnli", target_lang="es", splits=("test",)), lambda: fake)
     df = pd.read_parquet(tmp_path / "xnli" / "translate-es-fake" / "test_en-es.parquet")
-    src = load_task("xnli", "en", "test", "data")
+    src = load_task("xnli", "en", "test", DATA)
     assert list(df["premise"]) == list(src["premise"]) and len(df) == 210
     assert list(df["premise_translated"]) == ["[spa_Latn] " + p.upper() for p in src["premise"]]
     asked = [t for call in fake.calls for t in call]
@@ -124,18 +127,18 @@ def test_tydiqa_projection_counts_in_meta(tmp_path):
 def test_reference_reproduces_human_translations(tmp_path, task, tgt, field):
     splits = ("train", "validation", "test") if task == "nusax" else ("validation", "test")
     assert run_translate.main(["--task", task, "--source_lang", "en", "--target_lang", tgt, "--model", "reference",
-                               "--data_dir", "data", "--output_dir", str(tmp_path), "--splits", *splits]) == 0
+                               "--data_dir", DATA, "--output_dir", str(tmp_path), "--splits", *splits]) == 0
     for split in splits:
         df = pd.read_parquet(tmp_path / task / f"translate-{tgt}-reference" /
                              f"{tr.SPLIT_FILE[split]}_en-{tgt}.parquet")
-        assert list(df[f"{field}_translated"]) == list(load_task(task, tgt, split, "data")[field])
-        assert list(df[field]) == list(load_task(task, "en", split, "data")[field])
+        assert list(df[f"{field}_translated"]) == list(load_task(task, tgt, split, DATA)[field])
+        assert list(df[field]) == list(load_task(task, "en", split, DATA)[field])
         assert set(df["language"]) == {"en"}
 
 
 def test_reference_refuses_tydiqa(tmp_path, capsys):
     assert run_translate.main(["--task", "tydiqa", "--source_lang", "en", "--target_lang", "sw", "--model",
-                               "reference", "--data_dir", "data", "--output_dir", str(tmp_path)]) == 2
+                               "reference", "--data_dir", DATA, "--output_dir", str(tmp_path)]) == 2
     assert "TyDiQA is not parallel" in capsys.readouterr().err
 
 
@@ -149,7 +152,7 @@ def test_reference_refuses_tydiqa(tmp_path, capsys):
 def test_tiny_nllb_writes_every_task(tmp_path, tiny_models, task, tgt, cols):
     splits = ["validation", "test"] if task != "tydiqa" else ["train", "test"]
     argv = ["--task", task, "--source_lang", "en", "--target_lang", tgt, "--model", str(tiny_models / "nllb"),
-            "--data_dir", "data", "--output_dir", str(tmp_path), "--max_samples", "6", "--max_length", "24",
+            "--data_dir", DATA, "--output_dir", str(tmp_path), "--max_samples", "6", "--max_length", "24",
             "--splits", *splits]
     assert run_translate.main(argv) == 0
     folder = tmp_path / task / f"translate-{tgt}-nllb"
@@ -164,7 +167,7 @@ def test_tiny_nllb_writes_every_task(tmp_path, tiny_models, task, tgt, cols):
 # ---------------------------------------------------------------- bad input
 def _bad(tmp_path, capsys, *argv):
     out = tmp_path / "out"
-    assert run_translate.main([*argv, "--output_dir", str(out), "--data_dir", "data"]) == 2
+    assert run_translate.main([*argv, "--output_dir", str(out), "--data_dir", DATA]) == 2
     assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True
     return capsys.readouterr().err
 
@@ -231,7 +234,7 @@ def test_run_translate_sh_both_directions(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TASKS": "nusax", "TARGET_LANGS": "jav sun", "MODEL": "reference", "DATA_DIR": "data",
+    env = {**os.environ, "TASKS": "nusax", "TARGET_LANGS": "jav sun", "MODEL": "reference", "DATA_DIR": DATA,
            "OUTPUT_DIR": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", "run_translate.sh"], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -432,8 +432,7 @@ def run(cfg: Stage2Config) -> dict:
     from flare.data.features import PadCollator
     from flare.data.stage2_features import MT_PREFIX, SOURCE_PREFIX
     from flare.evaluation import Evaluator
-    from flare.models.fusion import MTEncoder
-    from flare.models.loading import count_parameters, load_tokenizer, save_adapter
+    from flare.models.loading import MTEncoder, count_parameters, load_tokenizer, save_adapter
     from flare.models.stack import NEW, activate, is_stacked
     from flare.stage1 import training_arguments
     from flare.trainer import FlareTrainer

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 from safetensors.torch import load_file
+from torch import nn
 
 from flare.config import TASKS, ModelSpec
 
@@ -158,3 +159,39 @@ def read_run_config(ckpt_dir: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no run_config.json; --load_ckpt must be a run directory of run_task_ft.py")
     return json.loads(path.read_text())
+
+
+class MTEncoder:
+    """The frozen encoder of an NLLB (M2M100) model and its tokenizer (FLARE MT); never trained, never saved."""
+
+    def __init__(self, hub_id: str, device: str):
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        seq2seq = AutoModelForSeq2SeqLM.from_pretrained(hub_id, dtype=torch.float32)
+        self._setup(seq2seq, AutoTokenizer.from_pretrained(hub_id), device)
+
+    @classmethod
+    def from_model(cls, seq2seq: nn.Module, tokenizer, device: str) -> MTEncoder:
+        """An MT encoder from a loaded seq2seq model (e.g. a random one built from a config, for benchmarks)."""
+        self = cls.__new__(cls)
+        self._setup(seq2seq, tokenizer, device)
+        return self
+
+    def _setup(self, seq2seq: nn.Module, tokenizer, device: str) -> None:
+        self.tokenizer = tokenizer
+        self.encoder = seq2seq.get_encoder().to(device).eval().requires_grad_(False)
+        self.dim = seq2seq.config.d_model
+        self.device = device
+
+    def lang_token_id(self, code: str) -> int:
+        from flare.models.fusion import FusionError
+
+        token_id = self.tokenizer.convert_tokens_to_ids(code)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise FusionError(f"the MT tokenizer does not know the language code {code!r}")
+        return token_id
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids.to(self.device),
+                            attention_mask=attention_mask.to(self.device)).last_hidden_state  # (B, L, d_mt)
