@@ -49,7 +49,19 @@ def test_fusion_functions():
     assert torch.equal(fuse("add", torch.zeros_like(s), t), t)
     assert torch.equal(fuse("add_relu", s, t), s.relu() + t.relu())
     assert torch.equal(fuse("mul", s, t), s * t)
-    assert fuse("matmul", s, t).shape == (2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # matmul: S T^T T over the unmasked target positions; matmul_relu the same on relu(S), relu(T)
+    keep = t * mask[..., None]
+    assert torch.allclose(fuse("matmul", s, t, mask), s @ keep.transpose(1, 2) @ keep, atol=1e-6)
+    rs, rk = s.relu(), t.relu() * mask[..., None]
+    assert torch.allclose(fuse("matmul_relu", s, t, mask), rs @ rk.transpose(1, 2) @ rk, atol=1e-6)
+    # causal: query i uses target positions <= i only (offset shifts the query positions: decode steps)
+    causal = fuse("matmul", s, t, causal=True)
+    for i in range(3):
+        assert torch.allclose(causal[:, i], (s[:, i:i + 1] @ t[:, :i + 1].transpose(1, 2) @ t[:, :i + 1])[:, 0],
+                              atol=1e-6)
+    step = fuse("matmul", s[:, 2:], t, causal=True, offset=2)
+    assert torch.allclose(step, causal[:, 2:], atol=1e-6)
     xattn = CrossAttentionFusion(4, heads=2)
     out = fuse("cross-attention", s, t, torch.tensor([[1, 1, 0], [1, 1, 1]]), xattn)
     assert out.shape == (2, 3, 4)
