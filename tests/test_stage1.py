@@ -163,7 +163,8 @@ def test_unknown_model_type(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"model_type": "gpt_neox"}')
     err = _bad(tmp_path, capsys, ["--task", "nusax", "--plm", str(tmp_path / "m")])
-    assert "model_type 'gpt_neox' is not known; known model types: bert, gemma2, llama" in err
+    assert "model_type 'gpt_neox' is not known; known model types: bert, gemma2, gemma3_text, llama" in err
+    assert "docs/adding-a-model.md" in err
 
 
 def test_bf16_on_a_cpu_without_bf16(tmp_path, capsys, monkeypatch, tiny_models):

@@ -118,7 +118,8 @@ def resolve_model(plm: str) -> ModelSpec:
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in FAMILY_DEFAULTS:
         raise ValueError(f"--plm {plm}: model_type {model_type!r} is not known; known model types: "
-                         f"{', '.join(sorted(FAMILY_DEFAULTS))} (add a row to FAMILY_DEFAULTS in flare/config.py)")
+                         f"{', '.join(sorted(FAMILY_DEFAULTS))} (add a row to FAMILY_DEFAULTS in flare/config.py: "
+                         "see docs/adding-a-model.md and python -m flare.models.inspect)")
     return _row(model_name(plm), str(path), model_type)
 
 
