@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flare.data import load_task
+from flare.data.layout import translated, translation_folder
 from flare.translate import output_path
 
 
@@ -15,11 +16,11 @@ def write_identity_tydiqa(out: Path, data_dir: Path, tgt: str = "sw", model: str
         ds = load_task("tydiqa", src, split, data_dir)
         ds = ds.select(range(min(n, len(ds))) if split == "train" else range(len(ds)))
         df = ds.to_pandas()
-        df["context_translated"], df["question_translated"] = df["context"], df["question"]
-        df["answers_translated"] = [{"text": list(a["text"][:1]), "answer_start": [int(a["answer_start"][0])]}
+        df[translated("context")], df[translated("question")] = df["context"], df["question"]
+        df[translated("answers")] = [{"text": list(a["text"][:1]), "answer_start": [int(a["answer_start"][0])]}
                                     for a in df["answers"]]
         df["language"] = src
         path = output_path(out, "tydiqa", split, src, t, model)
         path.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(path, index=False)
-    return out / "tydiqa" / f"translate-{tgt}-{model}"
+    return translation_folder(out, "tydiqa", tgt, model)

@@ -24,17 +24,17 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
-from flare.config import resolve_model
+from flare.config import TASKS, resolve_model
 from flare.data import load_task
+from flare.data.layout import META_FILE, SPLIT_FILE, split_file, translated, translation_folder
 from flare.files import atomic_write
 from flare.languages import nllb_code, resolve
 
 logger = logging.getLogger(__name__)
 
-FIELDS = {"xnli": ("premise", "hypothesis"), "nusax": ("text",), "tydiqa": ("context", "question")}
+FIELDS = {task: info.text_fields for task, info in TASKS.items()}  # the fields that get translated
 SPLITS = {"xnli": ("train", "validation", "test"), "nusax": ("train", "validation", "test"),
-          "tydiqa": ("train", "test")}
-SPLIT_FILE = {"train": "train", "validation": "val", "test": "test"}  # the original's file names
+          "tydiqa": ("train", "test")}  # TyDiQA's validation set is cut from the translated training rows
 MARK = '"'  # answer marker for span projection (the original's choice); removed from every QA text first
 CHUNK = 256  # unique strings per resumable chunk
 TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model", "spm.model")
@@ -45,7 +45,7 @@ class TranslationError(ValueError):
 
 
 def output_path(output_dir: str | Path, task: str, split: str, src: str, tgt: str, model_name: str) -> Path:
-    return Path(output_dir) / task / f"translate-{tgt}-{model_name}" / f"{SPLIT_FILE[split]}_{src}-{tgt}.parquet"
+    return translation_folder(output_dir, task, tgt, model_name) / split_file(split, src, tgt)
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -209,14 +209,14 @@ def translate_split(task: str, ds: datasets.Dataset, translate: Callable[[str, l
         questions = [q.replace(MARK, "") for q in df["question"]]
         ctx_t, q_t = translate("context", marked), translate("question", questions)
         projected = [project_answer(t) for t in ctx_t]
-        df["context_translated"] = [p[0] for p in projected]
-        df["question_translated"] = q_t
-        df["answers_translated"] = [{"text": [p[1]], "answer_start": [p[2]]} for p in projected]
+        df[translated("context")] = [p[0] for p in projected]
+        df[translated("question")] = q_t
+        df[translated("answers")] = [{"text": [p[1]], "answer_start": [p[2]]} for p in projected]
         lost = sum(1 for p in projected if p[2] < 0)
         counts.update(answers_projected=len(projected) - lost, answers_lost=lost)
     else:
         for f in FIELDS[task]:
-            df[f"{f}_translated"] = translate(f, list(df[f]))
+            df[translated(f)] = translate(f, list(df[f]))
     return df, counts
 
 
@@ -236,7 +236,7 @@ def reference_split(task: str, src: str, tgt: str, split: str, data_dir: str | P
     if list(target["label"]) != list(source["label"]):
         raise TranslationError(f"{task} {split}: labels of {src} and {tgt} differ; the files are not parallel")
     for f in FIELDS[task]:
-        df[f"{f}_translated"] = list(target[f])
+        df[translated(f)] = list(target[f])
     return df
 
 
@@ -279,7 +279,7 @@ class TranslateJob:
 
     @property
     def folder(self) -> Path:
-        return self.output_dir / self.task / f"translate-{self.target_lang}-{self.model_name}"
+        return translation_folder(self.output_dir, self.task, self.target_lang, self.model_name)
 
 
 def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] | None = None) -> dict:
@@ -305,7 +305,7 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
             warnings.append(msg)
     targets = {s: output_path(job.output_dir, job.task, s, src, tgt_lang.code, job.model_name) for s in splits}
     todo = [s for s, p in targets.items() if job.overwrite or not p.is_file()]
-    meta_path = job.folder / "meta.json"
+    meta_path = job.folder / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if not todo:
         logger.info("all %d files exist in %s (pass --overwrite to redo)", len(targets), job.folder)

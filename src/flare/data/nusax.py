@@ -11,10 +11,11 @@ from pathlib import Path
 
 import datasets
 
+from flare.config import TASKS
 from flare.data.common import DataFormatError, check_columns, hub_load, map_label, require_file
 from flare.languages import Language
 
-LABELS = ("negative", "neutral", "positive")
+LABELS = TASKS["nusax"].labels  # the task table's verbalizer order is the class order
 HUB_ID = "indonlp/NusaX-senti"
 LAYOUT = "nusax/<language name>/{train,valid,test}.csv (header id,text,label; labels negative/neutral/positive)"
 FILE_SPLIT = {"train": "train", "validation": "valid", "test": "test"}

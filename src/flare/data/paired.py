@@ -24,7 +24,7 @@ import datasets
 import pandas as pd
 
 from flare.config import TASKS
-from flare.translate import SPLIT_FILE
+from flare.data.layout import folder_name, mt_of_folder, split_file, translated
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,9 @@ def translation_dirs(path_mt: str | Path, src: str, tgt: str) -> TranslationDirs
     path = Path(path_mt)
     name = path.name
     for lang in (tgt, src):
-        prefix = f"translate-{lang}-"
-        if name.startswith(prefix) and len(name) > len(prefix):
-            mt = name[len(prefix):]
-            return TranslationDirs(path.parent / f"translate-{tgt}-{mt}", path.parent / f"translate-{src}-{mt}", mt)
+        mt = mt_of_folder(name, lang)
+        if mt is not None:
+            return TranslationDirs(path.parent / folder_name(tgt, mt), path.parent / folder_name(src, mt), mt)
     raise TranslationDataError(f"--path_mt {path_mt}: expected a folder named translate-{tgt}-<model> or "
                                f"translate-{src}-<model>, as run_translate.py writes them")
 
@@ -63,7 +62,7 @@ def translate_command(task: str, src: str, tgt: str, mt: str, split: str, output
 def read_translation(folder: Path, task: str, split: str, src: str, tgt: str, mt: str,
                      need_source: bool = True) -> pd.DataFrame:
     """One translation file; ``need_source=False`` (FLARE MT) needs only the translated columns."""
-    path = folder / f"{SPLIT_FILE[split]}_{src}-{tgt}.parquet"
+    path = folder / split_file(split, src, tgt)
     if not path.is_file():
         raise TranslationDataError(
             f"missing translation file {path}. Make it with:\n  "
@@ -71,8 +70,8 @@ def read_translation(folder: Path, task: str, split: str, src: str, tgt: str, mt
             "(add --data_dir data for the local data; run_translate.sh makes every file FLARE needs)")
     df = pd.read_parquet(path)
     fields = TASKS[task].text_fields
-    needed = [*(fields if need_source else ()), *(f"{f}_translated" for f in fields),
-              *(("answers_translated",) if task == "tydiqa" else ("label",))]
+    needed = [*(fields if need_source else ()), *(translated(f) for f in fields),
+              *((translated("answers"),) if task == "tydiqa" else ("label",))]
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise TranslationDataError(f"{path}: columns {missing} missing; re-run run_translate.py with --overwrite")
@@ -106,11 +105,11 @@ def _limit(df: pd.DataFrame, n: int | None) -> pd.DataFrame:
 def paired_train(task: str, df: pd.DataFrame, *, with_source: bool = True, limit: int | None = None) -> Paired:
     """en->tgt file rows as (target = translation, source = English original) examples."""
     fields = TASKS[task].text_fields
-    out: dict[str, list] = {f: [str(x) for x in df[f"{f}_translated"]] for f in fields}
+    out: dict[str, list] = {f: [str(x) for x in df[translated(f)]] for f in fields}
     if with_source:
         out.update({f"src_{f}": [str(x) for x in df[f]] for f in fields})
     if task == "tydiqa":
-        out["answers"] = [_answers(a) for a in df["answers_translated"]]
+        out["answers"] = [_answers(a) for a in df[translated("answers")]]
         out["id"] = [str(i) for i in df["id"]] if "id" in df.columns else [str(i) for i in range(len(df))]
         keep = [i for i, (c, a) in enumerate(zip(out["context"], out["answers"])) if _projected_ok(c, a)]
         dropped = len(out["id"]) - len(keep)
@@ -156,7 +155,7 @@ def paired_test(task: str, target: datasets.Dataset, df: pd.DataFrame, path: str
     check_lines_up(task, target, df, path)
     ds = target
     for f in TASKS[task].text_fields:
-        ds = ds.add_column(f"src_{f}", [str(x) for x in df[f"{f}_translated"]])
+        ds = ds.add_column(f"src_{f}", [str(x) for x in df[translated(f)]])
     return Paired(ds)
 
 
@@ -168,10 +167,10 @@ def translate_test(task: str, target: datasets.Dataset, df: pd.DataFrame, path: 
     check_lines_up(task, target, df, path)
     ds = target
     for f in TASKS[task].text_fields:
-        ds = ds.remove_columns(f).add_column(f, [str(x) for x in df[f"{f}_translated"]])
+        ds = ds.remove_columns(f).add_column(f, [str(x) for x in df[translated(f)]])
     if task != "tydiqa":
         return Paired(ds)
-    answers = [_answers(a) for a in df["answers_translated"]]
+    answers = [_answers(a) for a in df[translated("answers")]]
     ds = ds.remove_columns("answers").add_column("answers", answers)
     keep = [i for i, (c, a) in enumerate(zip(list(ds["context"]), answers)) if _projected_ok(c, a)]
     if len(keep) < len(ds):

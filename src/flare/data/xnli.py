@@ -9,10 +9,11 @@ from pathlib import Path
 
 import datasets
 
+from flare.config import TASKS
 from flare.data.common import DataFormatError, check_columns, hub_load, map_label, require_file
 from flare.languages import Language
 
-LABELS = ("entailment", "neutral", "contradiction")
+LABELS = TASKS["xnli"].labels  # the task table's verbalizer order is the class order
 HUB_ID = "facebook/xnli"
 LAYOUT = "xnli/{dev,test}-<lang>.tsv (tab-separated, no header: premise, hypothesis, label)"
 FEATURES = datasets.Features(

@@ -1,0 +1,39 @@
+"""The translation file layout, in one place: written by run_translate.py, read by run.py (and the tests).
+
+    {output_dir}/{task}/translate-{tgt}-{mt}/{train|val|test}_{src}-{tgt}.parquet   + meta.json
+
+Each file has the split's original columns (the ``src`` language), ``{field}_translated`` per translated field
+(TyDiQA also ``answers_translated``) and ``language``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPLIT_FILE = {"train": "train", "validation": "val", "test": "test"}  # the original's file names
+FOLDER_PREFIX = "translate-"
+META_FILE = "meta.json"
+
+
+def folder_name(tgt: str, mt: str) -> str:
+    """``translate-{tgt}-{mt}``: everything translated INTO ``tgt`` by ``mt``."""
+    return f"{FOLDER_PREFIX}{tgt}-{mt}"
+
+
+def translation_folder(output_dir: str | Path, task: str, tgt: str, mt: str) -> Path:
+    return Path(output_dir) / task / folder_name(tgt, mt)
+
+
+def split_file(split: str, src: str, tgt: str) -> str:
+    return f"{SPLIT_FILE[split]}_{src}-{tgt}.parquet"
+
+
+def translated(field: str) -> str:
+    """The column holding ``field``'s translation."""
+    return f"{field}_translated"
+
+
+def mt_of_folder(name: str, lang: str) -> str | None:
+    """The MT name of a folder ``translate-{lang}-{mt}``, or None if the name has another form."""
+    prefix = f"{FOLDER_PREFIX}{lang}-"
+    return name[len(prefix):] if name.startswith(prefix) and len(name) > len(prefix) else None
