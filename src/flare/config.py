@@ -101,11 +101,7 @@ EMBEDDED = {"me5-small": "ensure_me5_small"}
 
 def resolve_model(plm: str) -> ModelSpec:
     """Spec for a model key of ``MODEL_SPECS`` or a local Hugging Face model directory."""
-    if plm in EMBEDDED:
-        from flare.models import embedded
-
-        return dataclasses.replace(MODEL_SPECS[plm], hub_id=str(getattr(embedded, EMBEDDED[plm])()))
-    if plm in MODEL_SPECS:
+    if plm in MODEL_SPECS:  # embedded models keep their package reference; model_files() converts on load
         return MODEL_SPECS[plm]
     path = Path(plm)
     if not path.exists():
@@ -121,6 +117,17 @@ def resolve_model(plm: str) -> ModelSpec:
                          f"{', '.join(sorted(FAMILY_DEFAULTS))} (add a row to FAMILY_DEFAULTS in flare/config.py: "
                          "see docs/adding-a-model.md and python -m flare.models.inspect)")
     return _row(model_name(plm), str(path), model_type)
+
+
+def model_files(spec: ModelSpec) -> str:
+    """What ``from_pretrained`` loads for ``spec``: its hub id or folder, or, for a model shipped inside a Python
+    package (``EMBEDDED``), the converted folder (converted on first use, then cached). Called when a model or
+    tokenizer is loaded, never during flag checks, so the run config records the machine-independent reference."""
+    if spec.key in EMBEDDED and spec.hub_id == MODEL_SPECS[spec.key].hub_id:
+        from flare.models import embedded
+
+        return str(getattr(embedded, EMBEDDED[spec.key])())
+    return spec.hub_id
 
 
 def model_name(plm: str) -> str:

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file
 from torch import nn
 
-from flare.config import TASKS, ModelSpec
+from flare.config import TASKS, ModelSpec, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def task_kind(spec: ModelSpec, task: str) -> str:
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(spec.hub_id, padding_side=spec.padding_side)
+    tok = AutoTokenizer.from_pretrained(model_files(spec), padding_side=spec.padding_side)
     if tok.pad_token is None:
         vocab = tok.get_vocab()
         reserved = next((t for t in _RESERVED_PAD if t in vocab), None)
@@ -74,14 +74,14 @@ def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: 
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if kind == "lm":
-        model = AutoModelForCausalLM.from_pretrained(spec.hub_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_files(spec), **kwargs)
     elif kind == "cls":
         labels = TASKS[task].labels
         model = AutoModelForSequenceClassification.from_pretrained(
-            spec.hub_id, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            model_files(spec), num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={w: i for i, w in enumerate(labels)}, **kwargs)
     else:
-        model = AutoModelForQuestionAnswering.from_pretrained(spec.hub_id, **kwargs)
+        model = AutoModelForQuestionAnswering.from_pretrained(model_files(spec), **kwargs)
     if quant is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
