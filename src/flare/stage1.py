@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from flare.common_args import (
     UsageError,
@@ -130,7 +131,18 @@ def train_features(task: str, spec: ModelSpec, tokenizer, examples, max_length: 
     return feats, labels
 
 
-def training_arguments(cfg: Stage1Config, n_train: int, label_names: tuple[str, ...], best_metric: str):
+class TrainingRun(Protocol):
+    """What :func:`training_arguments` reads from a run's config: :class:`Stage1Config` and ``Stage2Config`` both."""
+
+    run_dir: Path
+    run_name: str
+    seed: int
+    device: str
+    optim: str
+    args: dict
+
+
+def training_arguments(cfg: TrainingRun, n_train: int, label_names: tuple[str, ...], best_metric: str):
     from transformers import TrainingArguments
 
     a = cfg.args
