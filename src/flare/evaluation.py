@@ -65,8 +65,7 @@ class Evaluator:
         self.extra_columns, self.pad_values = tuple(extra_columns), pad_values
         if self.info.kind == "cls":
             # room for the longest label word and EOS; longer generations cannot change the parsed label
-            longest = max(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in self.info.labels)
-            self.max_new_tokens = min(generate_max_tokens, longest + 2)
+            self.max_new_tokens = min(generate_max_tokens, max(len(ids) for ids in self.label_ids) + 2)
         else:
             self.max_new_tokens = generate_max_tokens
         self.features = features if features is not None else self.build_features(examples)
