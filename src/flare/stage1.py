@@ -227,8 +227,7 @@ def run(cfg: Stage1Config) -> dict:
         resume = a["resume_from_checkpoint"]
         t0 = time.time()
         train_out = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
-        results.update(train_runtime=time.time() - t0, train_loss=train_out.training_loss,
-                       train_steps=trainer.state.global_step, best_checkpoint=trainer.state.best_model_checkpoint,
+        results.update(trainer.summary(train_out, time.time() - t0),
                        n_train=len(train_ds), n_train_features=len(feats))
         save_adapter(model, cfg.run_dir)
 

@@ -491,8 +491,7 @@ def run(cfg: Stage2Config) -> dict:
         train_out = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
         if stacked:
             activate(model)  # the best checkpoint's reload may have reset which adapters the layers run
-        results.update(train_runtime=time.time() - t0, train_loss=train_out.training_loss,
-                       train_steps=trainer.state.global_step, best_checkpoint=trainer.state.best_model_checkpoint,
+        results.update(trainer.summary(train_out, time.time() - t0),
                        n_train=len(data.train), n_train_features=len(feats), n_validation=len(data.validation))
         save_adapter(model, cfg.run_dir)
         if fusion is not None:

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mt_model", default="nllb-600m", help="FLARE MT encoder")
     p.add_argument("--data_dir", default=None, help="local data root (default: the hub)")
     p.add_argument("--output_dir", default="checkpoints", help="root of the run directories")
+    p.add_argument("--stage1_dir", default=None,
+                   help="root of the stage-1 run directories (default: --output_dir); lets several sweeps, e.g. "
+                        "one per training budget, share one stage-1 model per seed")
     p.add_argument("--translations", default="translations", help="root of the translation files")
     p.add_argument("--translate_args", default="", help="extra flags for run_translate.py (one quoted string)")
     p.add_argument("--stage1_args", default="", help="extra flags for run_task_ft.py (one quoted string)")
@@ -93,10 +96,12 @@ def plan(args: argparse.Namespace) -> list[Job]:
                                  "--model", args.mt, "--output_dir", str(tr), *splits, *data,
                                  *shlex.split(args.translate_args)], None))
     for seed in args.seeds:
-        stage1_dir = out / f"{args.task}-{args.source_lang}-{plm_name}-{seed}"
+        stage1_root = Path(args.stage1_dir or args.output_dir)
+        stage1_dir = stage1_root / f"{args.task}-{args.source_lang}-{plm_name}-{seed}"
         jobs.append(Job(f"stage 1 seed {seed}",
                         ["run_task_ft.py", "--task", args.task, "--plm", args.plm, "--lang", args.source_lang,
-                         "--seed", str(seed), "--output_dir", str(out), *data, *shlex.split(args.stage1_args)],
+                         "--seed", str(seed), "--output_dir", str(stage1_root), *data,
+                         *shlex.split(args.stage1_args)],
                         stage1_dir / "results_test.json"))
         for lang in args.langs:
             forward = tr / args.task / f"translate-{lang}-{args.mt}"

@@ -68,3 +68,13 @@ class FlareTrainer(Trainer):
         best = self.state.best_model_checkpoint
         if self.fusion is not None and best and Path(best).is_dir():
             self.fusion.load(best)
+
+    def summary(self, train_out, seconds: float) -> dict:
+        """What a finished training run reports in ``results_*.json`` (both stages): runtime, loss, steps, the best
+        checkpoint, and the validation metric that chose it (``validation_best``; every validation in
+        ``validation_history`` as [step, value]), e.g. to pick a training budget on validation data only."""
+        key = self.args.metric_for_best_model
+        history = [[int(h["step"]), float(h[key])] for h in self.state.log_history if key in h]
+        return dict(train_runtime=seconds, train_loss=train_out.training_loss, train_steps=self.state.global_step,
+                    best_checkpoint=self.state.best_model_checkpoint, validation_metric=key,
+                    validation_best=self.state.best_metric, validation_history=history)

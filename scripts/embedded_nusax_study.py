@@ -1,0 +1,231 @@
+"""Does FLARE beat LoRA? The multi-seed NusaX study on the embedded model (me5-small), in one command:
+
+    python scripts/embedded_nusax_study.py      # from the repository root; 4-5 h on a 2-core CPU; re-run to resume
+
+1. Stage 1 on English NusaX, one per seed (the demo's stage-1 flags).
+2. Training budget, chosen on VALIDATION data of a language outside the reported table (Indonesian, first seed):
+   every training mode (translate-train LoRA, input-level fusion, FLARE add / add_relu / mul / cross-attention)
+   trains for each budget in {1, 3, 6} epochs (lr 5e-4, batch 8, one validation per epoch, best checkpoint kept);
+   the budget with the best validation macro-F1 wins (a tie goes to the smaller budget) and is kept for every
+   reported language and seed.
+3. The grid: zero-shot, translate-test and the six training modes, for every target language and seed (seed by
+   seed, so an interrupted study leaves whole seeds).
+4. Every run's ``results_*.json``, ``predictions_*.jsonl`` and ``run_config.json`` (no checkpoints) are copied to
+   ``--results`` with ``study.json`` (the protocol, the budget choice and the validation scores behind it); then
+   ``python -m flare.report RESULTS`` writes the tables, plot and significance analysis.
+
+Translations are NusaX's human ``reference`` translations: translate-test and both fusion methods see the gold
+English sentence at test time (an upper bound of what MT gives). FLARE runs with ``--cache_source_states`` (the
+same numbers as without, tested; about 30 % faster here). Finished runs are skipped, so an interrupted study resumes
+where it stopped. ``--reproduce RUN_NAME`` re-runs one committed cell from scratch (its stage 1 included) into a
+scratch folder and compares its metrics and predictions with the committed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # runnable from a clone without an editable install
+
+from flare import sweep  # noqa: E402
+from flare.files import write_json_atomic  # noqa: E402
+
+logger = logging.getLogger("flare.study")
+
+STAGE1_ARGS = "--epochs 3 --lr 5e-4 --batch_size 8 --num_evals 3 --group_by_length --save_total_limit 1"
+STAGE2_ARGS = "--lr 5e-4 --batch_size 8 --group_by_length --save_total_limit 1"
+FUSION_FNS = ("add", "add_relu", "mul", "cross-attention")
+TRAINING_ROWS = (("lora", None), ("input-fusion", None), *(("flare", fn) for fn in FUSION_FNS))
+KEPT = ("results_*.json", "predictions_*.jsonl", "run_config.json")
+
+
+def row_name(mode: str, fn: str | None) -> str:
+    return f"{mode}/{fn}" if fn else mode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="The multi-seed NusaX study on me5-small (see the module docstring).")
+    p.add_argument("--langs", nargs="+", default=["jav", "sun", "ace", "mad"], help="reported target languages")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds")
+    p.add_argument("--select_lang", default="ind", help="language whose VALIDATION data picks the budget")
+    p.add_argument("--budgets", nargs="+", type=int, default=[1, 3, 6], help="candidate epochs of stage 2")
+    p.add_argument("--plm", default="me5-small", help="model")
+    p.add_argument("--data_dir", default="data", help="local data root")
+    p.add_argument("--work_dir", default="checkpoints/embedded-nusax",
+                   help="run directories with checkpoints (not committed)")
+    p.add_argument("--results", default="results/embedded-nusax",
+                   help="where the runs' results and predictions are collected (committed)")
+    p.add_argument("--phase", choices=("all", "select", "grid", "collect"), default="all",
+                   help="run only one phase (default: all; each skips finished runs)")
+    p.add_argument("--reproduce", metavar="RUN_NAME", default=None,
+                   help="re-run one committed cell (e.g. nusax-en-jav-me5-small-1-lora-8_add_relu-...) from scratch "
+                        "and compare it with the committed results")
+    return p
+
+
+def sweep_argv(args, *, langs, seeds, modes, fns, output_dir: Path, stage2: str) -> list[str]:
+    work = Path(args.work_dir)
+    return ["--task", "nusax", "--plm", args.plm, "--langs", *langs, "--seeds", *map(str, seeds),
+            "--modes", *modes, "--fusion_fns", *(fns or ["add_relu"]), "--mt", "reference",
+            "--data_dir", args.data_dir, "--output_dir", str(output_dir), "--stage1_dir", str(work / "stage1"),
+            "--translations", str(work / "translations"), "--stage1_args", STAGE1_ARGS, "--stage2_args", stage2,
+            "--in_process"]
+
+
+def budget_args(mode: str, epochs: int) -> str:
+    cache = " --cache_source_states" if mode == "flare" else ""
+    return f"{STAGE2_ARGS} --epochs {epochs} --num_evals {epochs}{cache}"
+
+
+def run_sweep(argv: list[str]) -> bool:
+    return sweep.main(argv) == 0
+
+
+def select_dir(args, epochs: int) -> Path:
+    return Path(args.work_dir) / "select" / f"epochs-{epochs}"
+
+
+def grid_dir(args, epochs: int | None) -> Path:
+    return Path(args.work_dir) / "grid" / (f"epochs-{epochs}" if epochs else "eval-only")
+
+
+def run_selection(args) -> bool:
+    ok = True
+    for epochs in args.budgets:
+        for mode in ("lora", "input-fusion", "flare"):
+            fns = list(FUSION_FNS) if mode == "flare" else None
+            ok &= run_sweep(sweep_argv(args, langs=[args.select_lang], seeds=[args.seeds[0]], modes=[mode], fns=fns,
+                                       output_dir=select_dir(args, epochs), stage2=budget_args(mode, epochs)))
+    return ok
+
+
+def result_of(root: Path, mode: str, fn: str | None, lang: str, seed: int) -> dict | None:
+    for path in sorted(root.glob(f"nusax-en-{lang}-*-{seed}-*/results_test.json")):
+        res = json.loads(path.read_text())
+        if res.get("mode") == mode and res.get("fusion_fn") == fn and res.get("seed") == seed:
+            return res
+    return None
+
+
+def choose_budgets(args) -> dict:
+    """{row: {"epochs": chosen, "validation": {epochs: best validation F1}}}; a tie goes to the smaller budget."""
+    choice = {}
+    for mode, fn in TRAINING_ROWS:
+        scores = {}
+        for epochs in args.budgets:
+            res = result_of(select_dir(args, epochs), mode, fn, args.select_lang, args.seeds[0])
+            if res is None:
+                raise SystemExit(f"error: the budget run {row_name(mode, fn)} / {epochs} epochs is missing under "
+                                 f"{select_dir(args, epochs)}; run --phase select first")
+            scores[epochs] = res["validation_best"]
+        best = max(sorted(scores), key=lambda e: scores[e])  # sorted + max keeps the first (smallest) of ties
+        choice[row_name(mode, fn)] = {"epochs": best, "validation": {str(e): v for e, v in scores.items()}}
+    return choice
+
+
+def run_grid(args, choice: dict) -> bool:
+    ok = True
+    for seed in args.seeds:  # seed by seed: an interruption leaves complete seeds
+        ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=["zero-shot", "translate-test"],
+                                   fns=None, output_dir=grid_dir(args, None), stage2=STAGE2_ARGS))
+        for mode, fn in TRAINING_ROWS:
+            epochs = choice[row_name(mode, fn)]["epochs"]
+            ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=[mode], fns=[fn] if fn else None,
+                                       output_dir=grid_dir(args, epochs), stage2=budget_args(mode, epochs)))
+    return ok
+
+
+def copy_run(run_dir: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for pattern in KEPT:
+        for f in run_dir.glob(pattern):
+            shutil.copy2(f, dest / f.name)
+
+
+def collect(args, choice: dict) -> None:
+    work, results = Path(args.work_dir), Path(args.results)
+    for sub, dest in (("stage1", "stage1"), ("select", "selection"), ("grid", "runs")):
+        for res in sorted((work / sub).rglob("results_*.json")):
+            if "checkpoint-" in res.parent.name:
+                continue
+            rel = res.parent.relative_to(work / sub)
+            copy_run(res.parent, results / dest / rel)
+    write_json_atomic(results / "study.json", {
+        "model": args.plm, "task": "nusax", "languages": args.langs, "seeds": args.seeds, "translations": "reference",
+        "stage1_args": STAGE1_ARGS, "stage2_args": STAGE2_ARGS + " --epochs E --num_evals E (FLARE: "
+                                                                 "--cache_source_states)",
+        "selection": {"folder": "selection", "language": args.select_lang, "seed": args.seeds[0],
+                      "budgets": args.budgets, "metric": "validation macro-F1 of the best checkpoint",
+                      "chosen": choice},
+        "command": "python scripts/embedded_nusax_study.py",
+    })
+
+
+def reproduce(args, run_name: str) -> int:
+    """Re-run one committed grid cell from scratch (its own stage 1 too) and compare."""
+    results = Path(args.results)
+    committed = next((p for p in (results / "runs").rglob(run_name) if p.is_dir()), None)
+    if committed is None:
+        print(f"error: no committed run {run_name} under {results / 'runs'}", file=sys.stderr)
+        return 2
+    config = json.loads((committed / "run_config.json").read_text())
+    res_file = next(committed.glob("results_*.json"))
+    old = json.loads(res_file.read_text())
+    scratch = Path(tempfile.mkdtemp(prefix="flare-reproduce-"))
+    mode, fn, lang, seed = old["mode"], old.get("fusion_fn"), old["target_lang"], old["seed"]
+    mode = {"translate-train": "lora"}.get(mode, mode)
+    epochs = config["args"]["epochs"]
+    stage2 = STAGE2_ARGS if mode in ("zero-shot", "translate-test") else budget_args(mode, epochs)
+    argv = sweep_argv(args, langs=[lang], seeds=[seed], modes=[mode], fns=[fn] if fn else None,
+                      output_dir=scratch / "runs", stage2=stage2)
+    argv[argv.index("--stage1_dir") + 1] = str(scratch / "stage1")
+    argv[argv.index("--translations") + 1] = str(scratch / "translations")
+    if not run_sweep(argv):
+        return 1
+    new_dir = scratch / "runs" / run_name
+    new = json.loads((new_dir / res_file.name).read_text())
+    keys = [k for k in old if k.startswith("test_") and k != "test_runtime"]
+    same_metrics = all(old[k] == new[k] for k in keys)
+    pred = res_file.name.replace("results_", "predictions_").replace(".json", ".jsonl")
+    same_predictions = (committed / pred).read_bytes() == (new_dir / pred).read_bytes()
+    for k in keys:
+        print(f"{k}: committed {old[k]!r}, now {new[k]!r}")
+    print(f"predictions identical: {same_predictions}; run directory: {new_dir}")
+    return 0 if same_metrics and same_predictions else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not (Path(args.data_dir) / "nusax").is_dir():
+        print(f"error: no NusaX data under {args.data_dir}/nusax; run from the repository root or pass --data_dir",
+              file=sys.stderr)
+        return 2
+    if args.reproduce:
+        return reproduce(args, args.reproduce)
+    ok = True
+    if args.phase in ("all", "select"):
+        ok &= run_selection(args)
+    if args.phase == "select":
+        return 0 if ok else 1
+    choice = choose_budgets(args)
+    logger.info("budgets chosen on %s validation: %s", args.select_lang,
+                {k: v["epochs"] for k, v in choice.items()})
+    if args.phase in ("all", "grid"):
+        ok &= run_grid(args, choice)
+    collect(args, choice)
+    from flare import report
+
+    report.main([str(args.results)])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
