@@ -129,7 +129,8 @@ def test_report_means_std_and_missing_runs(tmp_path):
     assert "| FLARE (mul) | – | 40.00 | – |" in md
     assert "Zero-shot / sun / seed 2" in md and "FLARE (mul) / jav / seed 1" in md  # missing runs listed
     csv = (tmp_path / "rep" / "nusax-m.csv").read_text().splitlines()
-    assert csv[0] == "task,model,mode,language,mean,std,n_seeds" and "nusax,m,Zero-shot,jav,0.6500,0.0707,2" in csv
+    assert csv[0] == "task,model,metric,mode,language,mean,std,n_seeds"
+    assert "nusax,m,macro-F1,Zero-shot,jav,0.6500,0.0707,2" in csv
     png = (tmp_path / "rep" / "nusax-m.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

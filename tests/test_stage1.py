@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from flare import common_args, stage1
+from flare import common_args, stage1, stages
 from flare.config import TASKS
 from flare.models.loading import CheckpointError
 from flare.prompts import parse_answer, parse_label
@@ -127,11 +127,11 @@ def test_num_evals_spaces_the_validations(tmp_path, num_evals, max_steps, eval_s
     argv = ["--task", "nusax", "--plm", "xlmr", "--seed", "1", "--output_dir", str(tmp_path), "--device", "cpu",
             "--max_steps", str(max_steps)] + (["--num_evals", num_evals] if num_evals else [])
     cfg = stage1.resolve_config(stage1.build_parser().parse_args(argv))
-    targs = stage1.training_arguments(cfg, 500, ("labels",), "f1")
+    targs = stages.training_arguments(cfg, 500, ("labels",), "f1")
     assert targs.eval_steps == targs.save_steps == eval_steps and targs.max_steps == max_steps
     assert targs.train_sampling_strategy == "random"  # the original's uniform shuffling unless asked
     cfg = stage1.resolve_config(stage1.build_parser().parse_args([*argv, "--group_by_length"]))
-    assert stage1.training_arguments(cfg, 500, ("labels",), "f1").train_sampling_strategy == "group_by_length"
+    assert stages.training_arguments(cfg, 500, ("labels",), "f1").train_sampling_strategy == "group_by_length"
 
 
 def test_unknown_task(tmp_path, capsys):

@@ -10,10 +10,7 @@ from pathlib import Path
 import torch
 
 from flare.config import MODEL_SPECS, TASKS
-
-
-class UsageError(ValueError):
-    """Bad command-line input, caught before any model is loaded; the message names the fix."""
+from flare.errors import FlareError, UsageError  # noqa: F401 (re-exported)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

@@ -1,10 +1,18 @@
-"""Results tables and plots from the run directories: ``python -m flare.report checkpoints/ [--out DIR]``.
+"""Results tables, plots and significance from the run directories: ``python -m flare.report ROOT [--out DIR]``.
 
 Reads every ``results_zs.json`` / ``results_test.json`` of stage 2 under a folder and writes, per task and model,
 the table the paper shows: rows = modes (zero-shot, translate-test, translate-train LoRA, input-level fusion, FLARE
 per fusion function, FLARE MT), columns = target languages + average, cells = mean ± std over seeds of the task's
-metric (XNLI accuracy, NusaX macro-F1, TyDiQA exact match; x100). Markdown and CSV tables, a PNG bar plot, and the
-list of runs missing for a full grid (every mode x language x seed seen for that task and model).
+metric (XNLI accuracy, NusaX macro-F1 then accuracy, TyDiQA exact match then F1; x100). Then:
+
+- significance: every FLARE / FLARE MT row minus translate-train LoRA and minus input-level fusion, paired per
+  (language, seed): the mean difference, a 95 % percentile-bootstrap interval (fixed seed) and an exact sign test;
+- cost: trainable parameters, epochs and the measured training / test times per mode;
+- for a study folder (``study.json``, see ``scripts/embedded_nusax_study.py``): the training budget chosen on
+  validation data and the scores behind it (the budget runs themselves are not rows of the tables);
+- the runs missing for a full grid (every mode x language x seed seen for that task and model).
+
+Markdown and CSV tables and a PNG bar plot per (task, model) go to ``--out`` (default ``ROOT/report``).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -20,11 +29,17 @@ import numpy as np
 
 logger = logging.getLogger("flare.report")
 
-METRIC = {"xnli": "test_accuracy", "nusax": "test_f1", "tydiqa": "test_exact_match"}
-METRIC_NAME = {"xnli": "accuracy", "nusax": "macro-F1", "tydiqa": "exact match"}
+METRICS = {"xnli": (("test_accuracy", "accuracy"),),
+           "nusax": (("test_f1", "macro-F1"), ("test_accuracy", "accuracy")),
+           "tydiqa": (("test_exact_match", "exact match"), ("test_f1", "F1"))}
+METRIC = {task: metrics[0][0] for task, metrics in METRICS.items()}  # the paper's metric per task (first table)
+METRIC_NAME = {task: metrics[0][1] for task, metrics in METRICS.items()}
 ROW_ORDER = ("zero-shot", "translate-test", "translate-train", "input-fusion", "flare", "flare-mt")
 ROW_LABEL = {"zero-shot": "Zero-shot", "translate-test": "Translate-test", "translate-train": "Translate-train LoRA",
              "input-fusion": "Input-level fusion", "flare": "FLARE", "flare-mt": "FLARE MT"}
+BASELINES = (("translate-train", None), ("input-fusion", None))  # what FLARE rows are compared with, paired
+STUDY_FILE = "study.json"  # written by scripts/embedded_nusax_study.py: protocol and the budget choice
+N_BOOTSTRAP = 10_000
 
 
 def row_key(res: dict) -> tuple[str, str | None]:
@@ -37,11 +52,19 @@ def row_label(key: tuple[str, str | None]) -> str:
     return ROW_LABEL.get(mode, mode) + (f" ({fn})" if fn else "")
 
 
+def load_study(root: Path) -> dict | None:
+    path = root / STUDY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_results(root: Path) -> list[dict]:
-    """Stage-2 results (not stage 1, not English->English checks) under ``root``."""
+    """Stage-2 results (not stage 1, not English->English checks) under ``root``; a study's budget-selection runs
+    (the folder its ``study.json`` names) are not part of its tables."""
+    study = load_study(root)
+    skip = root / study["selection"]["folder"] if study and study.get("selection") else None
     out = []
     for path in sorted(root.rglob("results_*.json")):
-        if "checkpoint-" in str(path.parent.name):
+        if "checkpoint-" in str(path.parent.name) or (skip is not None and skip in path.parents):
             continue
         try:
             res = json.loads(path.read_text())
@@ -54,25 +77,24 @@ def load_results(root: Path) -> list[dict]:
     return out
 
 
-def fmt(values: list[float]) -> str:
+def fmt(values: list[float], scale: float = 100, digits: int = 2) -> str:
     if not values:
         return "–"
-    mean = 100 * float(np.mean(values))
-    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {100 * float(np.std(values, ddof=1)):.2f}"
+    mean = scale * float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
 
 
 def build_tables(results: list[dict]) -> dict:
-    """{(task, plm_name): {"langs", "rows", "cells": {(row, lang): [values]}, "seeds", "missing"}}."""
-    groups: dict = defaultdict(lambda: {"cells": defaultdict(list), "langs": set(), "rows": set(), "seeds": set(),
-                                        "runs": set()})
+    """{(task, plm_name): {"langs", "rows", "seeds", "runs": {(row, lang, seed): result}, "missing"}}."""
+    groups: dict = defaultdict(lambda: {"runs": {}, "langs": set(), "rows": set(), "seeds": set()})
     for res in results:
-        task = res["task"]
-        g = groups[(task, res["plm_name"])]
+        g = groups[(res["task"], res["plm_name"])]
         key, lang, seed = row_key(res), res["target_lang"], res["seed"]
         if (key, lang, seed) in g["runs"]:
             continue  # the same run twice (e.g. a copied folder)
-        g["runs"].add((key, lang, seed))
-        g["cells"][(key, lang)].append(float(res[METRIC[task]]))
+        g["runs"][(key, lang, seed)] = res
         g["langs"].add(lang)
         g["rows"].add(key)
         g["seeds"].add(seed)
@@ -82,27 +104,151 @@ def build_tables(results: list[dict]) -> dict:
         langs = sorted(g["langs"])
         missing = [f"{row_label(r)} / {lang} / seed {s}" for r in rows for lang in langs for s in sorted(g["seeds"])
                    if (r, lang, s) not in g["runs"]]
-        tables[(task, plm)] = dict(rows=rows, langs=langs, cells=g["cells"], seeds=sorted(g["seeds"]),
-                                   missing=missing)
+        tables[(task, plm)] = dict(rows=rows, langs=langs, runs=g["runs"], seeds=sorted(g["seeds"]), missing=missing)
     return tables
 
 
-def table_rows(table: dict) -> list[list[str]]:
-    out = []
-    for r in table["rows"]:
-        cells = [fmt(table["cells"].get((r, lang), [])) for lang in table["langs"]]
-        # average over languages of the per-language seed means (only when every language has a value)
-        means = [float(np.mean(table["cells"][(r, lang)])) for lang in table["langs"] if table["cells"].get((r, lang))]
-        avg = f"{100 * float(np.mean(means)):.2f}" if len(means) == len(table["langs"]) else "–"
-        out.append([row_label(r), *cells, avg])
+def cells(table: dict, metric: str) -> dict:
+    """{(row, lang): [value per seed, in seed order]} of one metric."""
+    out: dict = defaultdict(list)
+    for (r, lang, _), res in sorted(table["runs"].items(), key=lambda kv: kv[0][2]):
+        if metric in res:
+            out[(r, lang)].append(float(res[metric]))
     return out
 
 
-def markdown(task: str, plm: str, table: dict) -> str:
+def table_rows(table: dict, metric: str) -> list[list[str]]:
+    values = cells(table, metric)
+    out = []
+    for r in table["rows"]:
+        row = [fmt(values.get((r, lang), [])) for lang in table["langs"]]
+        # average over languages of the per-language seed means (only when every language has a value)
+        means = [float(np.mean(values[(r, lang)])) for lang in table["langs"] if values.get((r, lang))]
+        avg = f"{100 * float(np.mean(means)):.2f}" if len(means) == len(table["langs"]) else "–"
+        out.append([row_label(r), *row, avg])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- significance
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (binomial, p = 1/2) on the non-tied pairs."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_ci(diffs: list[float], n_boot: int = N_BOOTSTRAP, level: float = 0.95, seed: int = 0) -> tuple:
+    """Percentile bootstrap interval of the mean of ``diffs`` (pairs resampled with replacement; fixed seed, so a
+    report is reproducible)."""
+    d = np.asarray(diffs, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def paired(table: dict, metric: str, a: tuple, b: tuple) -> list[tuple[str, int, float]]:
+    """(language, seed, a - b) for every (language, seed) that both rows ran."""
+    runs = table["runs"]
+    return [(lang, seed, float(runs[(a, lang, seed)][metric]) - float(runs[(b, lang, seed)][metric]))
+            for lang in table["langs"] for seed in table["seeds"]
+            if (a, lang, seed) in runs and (b, lang, seed) in runs
+            and metric in runs[(a, lang, seed)] and metric in runs[(b, lang, seed)]]
+
+
+def significance(table: dict, metric: str) -> list[dict]:
+    """Every FLARE / FLARE MT row against translate-train LoRA and input-level fusion: the paired per-(language,
+    seed) differences, their mean, a 95 % bootstrap interval and a sign test."""
+    out = []
+    for r in table["rows"]:
+        if r[0] not in ("flare", "flare-mt"):
+            continue
+        for base in BASELINES:
+            diffs = [d for _, _, d in paired(table, metric, r, base)]
+            if not diffs:
+                continue
+            wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            lo, hi = bootstrap_ci(diffs)
+            out.append(dict(row=r, baseline=base, n=len(diffs), mean=float(np.mean(diffs)), ci=(lo, hi), wins=wins,
+                            losses=losses, ties=len(diffs) - wins - losses, p_sign=sign_test(wins, losses)))
+    return out
+
+
+def verdict(ci: tuple[float, float]) -> str:
+    if ci[0] > 0:
+        return "better (interval above 0)"
+    if ci[1] < 0:
+        return "worse (interval below 0)"
+    return "not distinguishable (interval contains 0)"
+
+
+def significance_markdown(task: str, table: dict) -> list[str]:
+    rows = significance(table, METRIC[task])
+    if not rows:
+        return []
+    lines = ["", f"Paired differences (row − baseline, {METRIC_NAME[task]} ×100, one pair per language and seed; "
+                 f"{N_BOOTSTRAP} bootstrap resamples of the pairs, two-sided exact sign test):", "",
+             "| comparison | pairs | mean difference | 95 % bootstrap CI | better / worse / tied | sign test p | "
+             "judged by the interval |", "|---|---|---|---|---|---|---|"]
+    for s in rows:
+        lines.append(f"| {row_label(s['row'])} − {row_label(s['baseline'])} | {s['n']} | {100 * s['mean']:+.2f} | "
+                     f"[{100 * s['ci'][0]:+.2f}, {100 * s['ci'][1]:+.2f}] | {s['wins']} / {s['losses']} / "
+                     f"{s['ties']} | {s['p_sign']:.3g} | {verdict(s['ci'])} |")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------- cost
+def cost_markdown(table: dict) -> list[str]:
+    """Trainable parameters, training budget and measured times per row (means over its runs)."""
+    lines = ["", "Cost per mode (over every run of the row; times are wall-clock seconds on the machine that ran it):",
+             "", "| mode | trainable parameters | epochs | training time (s) | test evaluation time (s) |",
+             "|---|---|---|---|---|"]
+    for r in table["rows"]:
+        runs = [res for (row, _, _), res in table["runs"].items() if row == r]
+        params = sorted({int(res["param_train"]) for res in runs if "param_train" in res})
+        trains = [res for res in runs if "train_runtime" in res]
+        epochs = sorted({res.get("args", {}).get("epochs") for res in trains} - {None})
+        lines.append("| {} | {} | {} | {} | {} |".format(
+            row_label(r), " / ".join(f"{p:,}" for p in params) or "–",
+            " / ".join(str(e) for e in epochs) if trains else "– (no training)",
+            fmt([res["train_runtime"] for res in trains], scale=1, digits=0),
+            fmt([res["test_runtime"] for res in runs if "test_runtime" in res], scale=1, digits=1)))
+    return lines
+
+
+def budget_markdown(study: dict | None) -> list[str]:
+    """The training budget a study chose on validation data, with the scores behind the choice."""
+    sel = (study or {}).get("selection")
+    if not sel:
+        return []
+    budgets = [str(b) for b in sel["budgets"]]
+    lines = ["", f"Training budget (epochs of stage 2), chosen per mode on {sel['language']} VALIDATION data "
+                 f"(seed {sel['seed']}; {sel['metric']}, ×100; a tie goes to the smaller budget):", "",
+             "| mode | " + " | ".join(f"{b} epoch{'s' if b != '1' else ''}" for b in budgets) + " | chosen |",
+             "|---|" + "---|" * (len(budgets) + 1)]
+    for name, c in sel["chosen"].items():
+        mode, _, fn = name.partition("/")
+        label = row_label(({"lora": "translate-train"}.get(mode, mode), fn or None))
+        vals = [f"{100 * c['validation'][b]:.2f}" if c["validation"].get(b) is not None else "–" for b in budgets]
+        lines.append(f"| {label} | " + " | ".join(vals) + f" | {c['epochs']} |")
+    return lines
+
+
+def markdown(task: str, plm: str, table: dict, study: dict | None = None) -> str:
     header = ["mode", *table["langs"], "avg"]
-    lines = [f"### {task} · {plm} · {METRIC_NAME[task]} (×100; mean ± std over seeds {table['seeds']})", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(table)]
+    lines = []
+    for i, (metric, name) in enumerate(METRICS[task]):
+        if not any(metric in res for res in table["runs"].values()):
+            continue
+        lines += ([] if i == 0 else [""]) + [
+            f"### {task} · {plm} · {name} (×100; mean ± std over seeds {table['seeds']})", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(table, metric)]
+    lines += significance_markdown(task, table)
+    lines += cost_markdown(table)
+    lines += budget_markdown(study)
     if table["missing"]:
         lines += ["", f"Missing for a full table ({len(table['missing'])}): " + "; ".join(table["missing"])]
     return "\n".join(lines) + "\n"
@@ -114,14 +260,16 @@ def csv_text(task: str, plm: str, table: dict) -> str:
 
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["task", "model", "mode", "language", "mean", "std", "n_seeds"])
-    for r in table["rows"]:
-        for lang in table["langs"]:
-            values = table["cells"].get((r, lang), [])
-            if values:
-                std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-                writer.writerow([task, plm, row_label(r), lang, f"{float(np.mean(values)):.4f}", f"{std:.4f}",
-                                 len(values)])
+    writer.writerow(["task", "model", "metric", "mode", "language", "mean", "std", "n_seeds"])
+    for metric, name in METRICS[task]:
+        values = cells(table, metric)
+        for r in table["rows"]:
+            for lang in table["langs"]:
+                v = values.get((r, lang), [])
+                if v:
+                    std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+                    writer.writerow([task, plm, name, row_label(r), lang, f"{float(np.mean(v)):.4f}", f"{std:.4f}",
+                                     len(v)])
     return buf.getvalue()
 
 
@@ -132,13 +280,14 @@ def plot(task: str, plm: str, table: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     langs, rows = table["langs"], table["rows"]
+    values = cells(table, METRIC[task])
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(langs) + 2) + 2, 4))
     x = np.arange(len(langs))
     for i, r in enumerate(rows):
-        means = [100 * float(np.mean(table["cells"].get((r, lang)) or [np.nan])) for lang in langs]
+        means = [100 * float(np.mean(values.get((r, lang)) or [np.nan])) for lang in langs]
         # std bars only where there are >= 2 seeds (a single seed has no spread to show)
-        errs = np.array([100 * float(np.std(v, ddof=1)) if len(v := table["cells"].get((r, lang), [])) > 1
+        errs = np.array([100 * float(np.std(v, ddof=1)) if len(v := values.get((r, lang), [])) > 1
                          else np.nan for lang in langs])
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, label=row_label(r), capsize=2,
                yerr=errs if np.isfinite(errs).any() else None)
@@ -152,7 +301,7 @@ def plot(task: str, plm: str, table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(tables: dict, out: Path) -> list[Path]:
+def write_report(tables: dict, out: Path, study: dict | None = None) -> list[Path]:
     """Markdown, CSV and PNG per (task, model) table of :func:`build_tables` into ``out``."""
     from flare.files import atomic_write
 
@@ -160,7 +309,7 @@ def write_report(tables: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     for (task, plm), table in sorted(tables.items()):
         stem = out / f"{task}-{plm}"
-        md = markdown(task, plm, table)
+        md = markdown(task, plm, table, study)
         atomic_write(stem.with_suffix(".md"), lambda p, t=md: p.write_text(t, encoding="utf-8"))
         csv = csv_text(task, plm, table)
         atomic_write(stem.with_suffix(".csv"), lambda p, t=csv: p.write_text(t, encoding="utf-8"))
@@ -187,14 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"error: {root} is not a folder; pass the --output_dir of run.py (e.g. checkpoints/)", file=sys.stderr)
         return 2
-    tables = build_tables(load_results(root))
+    tables, study = build_tables(load_results(root)), load_study(root)
     if not tables:
         print(f"error: no stage-2 results_*.json under {root}; run run.py (or python -m flare.sweep) first",
               file=sys.stderr)
         return 2
-    written = write_report(tables, Path(args.out) if args.out else root / "report")
+    written = write_report(tables, Path(args.out) if args.out else root / "report", study)
     for (task, plm), table in sorted(tables.items()):
-        print(markdown(task, plm, table))
+        print(markdown(task, plm, table, study))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -27,26 +27,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from flare.common_args import (
-    UsageError,
-    add_common_args,
-    check_bf16,
-    check_eval_mode,
-    fail,
-    resolve_device,
-)
+from flare.common_args import UsageError, add_common_args, check_bf16, check_eval_mode, resolve_device
 from flare.config import TASKS, ModelSpec, model_name, resolve_model
 from flare.data import check_task_language
-from flare.files import write_json_atomic, write_jsonl_atomic
+from flare.errors import FlareError
 from flare.models.fusion import DECODER_FUSION_FNS, FUSION_FNS
+from flare.stages import (
+    POSITIVE,
+    RunConfig,
+    TrainingOptions,
+    check_checkpoint_matches,
+    check_positive,
+    default_optim,
+    setup_tracking,
+    stage_main,
+    test_results,
+    training_arguments,
+    write_run,
+)
 
 logger = logging.getLogger("flare.run")
 
@@ -56,7 +61,7 @@ STAGE1_MERGE = ("none", "exact", "requantize")
 STAGE1_TOLERANCE = 1e-5  # largest |logit| difference between the fresh stage-2 model and the stage-1 model
 
 
-class Stage1MismatchError(RuntimeError):
+class Stage1MismatchError(FlareError, RuntimeError):
     """The stage-2 model with its fresh adapter does not compute the stage-1 model's outputs."""
 
 
@@ -104,41 +109,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class Stage2Config:
-    task: str
+class Stage2Config(RunConfig):
+    """A stage-2 run, resolved and validated once from the flags and input paths (no model is loaded before this);
+    ``load_ckpt`` is the stage-1 run directory."""
+
     mode: str
     source_lang: str
     target_lang: str
-    spec: ModelSpec
-    plm: str
-    plm_name: str
-    seed: int
-    device: str
-    quantize: str
-    max_length: int
-    optim: str
-    target_modules: tuple[str, ...]
     adapter_name: str | None
     fusion_fn: str | None
     mt_spec: ModelSpec | None
     path_mt: Path | None
-    run_name: str
-    run_dir: Path
-    load_ckpt: Path
     prefix: str  # results_{prefix}.json: zs | test
-    args: dict
+    stage1_merge: str
+    cross_attention_heads: int
+    cache_source_states: bool
+    cache_source_mb: float
+
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = (*RunConfig.NOT_RECORDED, "mt_spec")
 
     @property
     def trains(self) -> bool:
         return self.mode not in ("zero-shot", "translate-test")
 
     def describe(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("spec", "mt_spec", "args")}
-        for key in ("run_dir", "load_ckpt", "path_mt"):
-            out[key] = str(out[key]) if out[key] is not None else None
-        out["hub_id"], out["family"], out["model_type"] = self.spec.hub_id, self.spec.family, self.spec.model_type
-        out["mt_model"] = self.mt_spec.hub_id if self.mt_spec else None
-        return out
+        return super().describe() | {"mt_model": self.mt_spec.hub_id if self.mt_spec else None}
 
 
 def resolve_mode(args: argparse.Namespace) -> str:
@@ -211,10 +206,8 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         saved = read_run_config(load_ckpt)
     except CheckpointError as e:
         raise UsageError(str(e)) from e
-    if saved.get("task") != args.task or saved.get("plm_name") != model_name(args.plm):
-        raise UsageError(f"--load_ckpt {load_ckpt} was trained for task {saved.get('task')!r} with model "
-                         f"{saved.get('plm_name')!r}, not {args.task!r} with {model_name(args.plm)!r}; pass the "
-                         "stage-1 run of this task and model")
+    check_checkpoint_matches(load_ckpt, saved, args.task, args.plm,
+                             fix="; pass the stage-1 run of this task and model")
     if args.eval_zs and not args.eval_only:
         logger.info("--eval_zs evaluates only (the original went on to train the task adapter without --eval_only)")
     trains = mode not in ("zero-shot", "translate-test")
@@ -246,9 +239,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
                          f"--lora_r {args.lora_r}")
     if args.cache_source_states and not args.fusion_fn:
         raise UsageError("--cache_source_states caches FLARE's source pass; it needs --fusion_fn (FLARE or FLARE MT)")
-    for name in ("lora_r", "lora_alpha", "batch_size", "epochs", "num_evals", "cache_source_mb"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive")
+    check_positive(args, (*POSITIVE, "cache_source_mb"))
     check_eval_mode(args.eval_mode, spec.family, args.task)
     device = resolve_device(args.device)
     check_bf16(args.bf16, device)
@@ -268,11 +259,13 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
     return Stage2Config(
         task=args.task, mode=mode, source_lang=src, target_lang=tgt, spec=spec, plm=args.plm,
         plm_name=model_name(args.plm), seed=args.seed, device=device, quantize=quantize, max_length=max_length,
-        optim=args.optim or ("adamw_bnb_8bit" if quantize != "none" and device == "cuda" else "adamw_torch"),
+        optim=default_optim(args.optim, quantize, device),
         target_modules=tuple(args.target_modules or spec.lora_targets), adapter_name=adapter_name,
         fusion_fn=args.fusion_fn, mt_spec=mt_spec, path_mt=path_mt, run_name=name,
         run_dir=Path(args.output_dir) / name, load_ckpt=load_ckpt, prefix="zs" if mode == "zero-shot" else "test",
-        args=vars(args).copy(),
+        stage1_merge=args.stage1_merge, cross_attention_heads=args.cross_attention_heads,
+        cache_source_states=args.cache_source_states, cache_source_mb=args.cache_source_mb,
+        opts=TrainingOptions.from_args(args), args=vars(args).copy(),
     )
 
 
@@ -297,27 +290,27 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
         translation_dirs,
     )
 
-    a, task, src, tgt = cfg.args, cfg.task, cfg.source_lang, cfg.target_lang
+    o, task, src, tgt = cfg.opts, cfg.task, cfg.source_lang, cfg.target_lang
 
     def limit(ds, n):
         return ds.select(range(min(n, len(ds)))) if n else ds
 
     try:
-        target_test = load_task(task, tgt, "test", a["data_dir"])
+        target_test = load_task(task, tgt, "test", o.data_dir)
     except ValueError as e:
         raise UsageError(str(e)) from e
     counts: dict = {}
     if cfg.mode == "zero-shot":
-        return Stage2Data(None, None, limit(target_test, a["max_eval_samples"]), counts)
+        return Stage2Data(None, None, limit(target_test, o.max_eval_samples), counts)
     dirs = translation_dirs(cfg.path_mt, src, tgt)
     with_source = cfg.mode in ("flare", "input-fusion")
     if cfg.mode == "translate-test":
         df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
         pair = translate_test(task, target_test, df, str(dirs.backward))
         counts["test_dropped_projection"] = pair.dropped
-        return Stage2Data(None, None, limit(pair.dataset, a["max_eval_samples"]), counts)
+        return Stage2Data(None, None, limit(pair.dataset, o.max_eval_samples), counts)
 
-    train_split = a["train_split"]
+    train_split = o.train_split
     if task == "tydiqa" and train_split != "train":
         raise UsageError("--train_split validation: TyDiQA translations have no validation file; its validation set "
                          "is every 10th translated training row")
@@ -336,8 +329,8 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
         test = paired_test(task, target_test, df, str(dirs.backward)).dataset
     else:  # translate-train LoRA and FLARE MT see only the target language at test time
         test = target_test
-    return Stage2Data(limit(train_ds, a["max_train_samples"]), limit(val_ds, a["max_eval_samples"]),
-                      limit(test, a["max_eval_samples"]), counts)
+    return Stage2Data(limit(train_ds, o.max_train_samples), limit(val_ds, o.max_eval_samples),
+                      limit(test, o.max_eval_samples), counts)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -365,16 +358,16 @@ def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None
     from flare.models.loading import add_lora, load_checked, load_model, lora_config
     from flare.models.stack import STAGE1, stack_new_adapter
 
-    a = cfg.args
-    base = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=a["bf16"],
-                      gradient_checkpointing=a["gradient_checkpointing"] and cfg.trains)
+    o = cfg.opts
+    base = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=o.bf16,
+                      gradient_checkpointing=o.gradient_checkpointing and cfg.trains)
     model = load_checked(base, cfg.load_ckpt, is_trainable=False, adapter_name=STAGE1)
     if not cfg.trains:
         return model, None, {}
     reference = model_outputs(model, probe) if probe is not None else None  # the stage-1 model itself
-    new = lora_config(cfg.spec, cfg.task, r=a["lora_r"], alpha=a["lora_alpha"], dropout=a["lora_dropout"],
-                      target_modules=cfg.target_modules, freeze_head=a["freeze_lm_head"])
-    if a["stage1_merge"] == "none":
+    new = lora_config(cfg.spec, cfg.task, r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
+                      target_modules=cfg.target_modules, freeze_head=o.freeze_lm_head)
+    if cfg.stage1_merge == "none":
         model = stack_new_adapter(model, new)
     else:  # exact (unquantised) or requantize (the original's merge into quantised weights)
         model = add_lora(model.merge_and_unload(), new)
@@ -383,11 +376,11 @@ def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None
         config = model.get_base_model().config
         fusion = Fusion(model, layers=cfg.spec.layers, targets=cfg.spec.fusion_targets, adapter="default",
                         fusion_fn=cfg.fusion_fn, padding_side=tokenizer.padding_side,
-                        causal=cfg.spec.family == "decoder", cross_attention_heads=a["cross_attention_heads"],
+                        causal=cfg.spec.family == "decoder", cross_attention_heads=cfg.cross_attention_heads,
                         attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
                                                 or getattr(config, "attention_dropout", 0.0) or 0.0),
-                        mt_encoder=mt, cache_source_states=a["cache_source_states"],
-                        cache_limit_mb=a["cache_source_mb"]).attach()
+                        mt_encoder=mt, cache_source_states=cfg.cache_source_states,
+                        cache_limit_mb=cfg.cache_source_mb).attach()
     start: dict = {}
     if reference is not None:
         diff = (model_outputs(model, probe, fusion) - reference).abs().max().item()
@@ -395,9 +388,9 @@ def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None
             fusion.calls.update(train=0, eval=0)  # count the run's own calls only
         start = {"stage1_start_max_abs_diff": diff}
         logger.info("stage-2 model with its fresh adapter vs the stage-1 model: max |diff| %.3g (--stage1_merge %s)",
-                    diff, a["stage1_merge"])
+                    diff, cfg.stage1_merge)
         if diff > STAGE1_TOLERANCE:
-            if a["stage1_merge"] != "requantize":
+            if cfg.stage1_merge != "requantize":
                 raise Stage1MismatchError(
                     f"the stage-2 model with its fresh adapter differs from the stage-1 model by {diff:.3g} "
                     f"(> {STAGE1_TOLERANCE}) on the first validation batch; it must start from stage 1 exactly")
@@ -410,7 +403,7 @@ def _features(cfg: Stage2Config, ds, tokenizer, mt, train: bool):
     from flare.data.stage2_features import stage2_features
     from flare.languages import nllb_code
 
-    a = cfg.args
+    o = cfg.opts
     kwargs: dict = {}
     if cfg.mode == "flare-mt":
         code, fallback = nllb_code(cfg.target_lang, allow_fallback=True)
@@ -421,7 +414,7 @@ def _features(cfg: Stage2Config, ds, tokenizer, mt, train: bool):
         kwargs = dict(mt_tokenizer=mt.tokenizer, mt_lang_code=code)
     mode = cfg.mode if cfg.mode in ("flare", "flare-mt", "input-fusion") else "plain"
     return ds.map(lambda b: stage2_features(b, task=cfg.task, spec=cfg.spec, tokenizer=tokenizer,
-                                            max_length=cfg.max_length, doc_stride=a["doc_stride"], train=train,
+                                            max_length=cfg.max_length, doc_stride=o.doc_stride, train=train,
                                             mode=mode, **kwargs),
                   batched=True, remove_columns=ds.column_names, desc="train features" if train else "eval features")
 
@@ -434,12 +427,10 @@ def run(cfg: Stage2Config) -> dict:
     from flare.evaluation import Evaluator
     from flare.models.loading import MTEncoder, count_parameters, load_tokenizer, save_adapter
     from flare.models.stack import NEW, activate, is_stacked
-    from flare.stage1 import training_arguments
     from flare.trainer import FlareTrainer
 
-    a, info = cfg.args, TASKS[cfg.task]
-    if a["report_to"] == "wandb":
-        os.environ.setdefault("WANDB_PROJECT", a["wandb_project"])
+    o, info = cfg.opts, TASKS[cfg.task]
+    setup_tracking(o)
     set_seed(cfg.seed)
     data = load_data(cfg)  # every file checked before a model is loaded
     tokenizer = load_tokenizer(cfg.spec)
@@ -453,7 +444,7 @@ def run(cfg: Stage2Config) -> dict:
     if cfg.trains:  # the first validation batch also checks that stage 2 starts from the stage-1 model
         val_feats = _features(cfg, data.validation, tokenizer, mt, train=False)
         keep = ("input_ids", "attention_mask", "token_type_ids", *extra_columns(val_feats))
-        rows = val_feats.select(range(min(a["batch_size"], len(val_feats))))
+        rows = val_feats.select(range(min(o.batch_size, len(val_feats))))
         probe = {k: v.to(cfg.device) for k, v in PadCollator(tokenizer.pad_token_id, tokenizer.padding_side,
                                                               keep=keep, pad_values=pad_values)(list(rows)).items()}
     model, fusion, start = build_model(cfg, tokenizer, probe, mt)
@@ -463,13 +454,13 @@ def run(cfg: Stage2Config) -> dict:
 
     def evaluator(ds, feats=None):
         feats = feats if feats is not None else _features(cfg, ds, tokenizer, mt, train=False)
-        return Evaluator(cfg.task, cfg.spec, tokenizer, ds, cfg.max_length, batch_size=a["batch_size"],
-                         doc_stride=a["doc_stride"], max_answer_length=a["max_answer_length"],
-                         generate_max_tokens=a["generate_max_tokens"], features=feats,
+        return Evaluator(cfg.task, cfg.spec, tokenizer, ds, cfg.max_length, batch_size=o.batch_size,
+                         doc_stride=o.doc_stride, max_answer_length=o.max_answer_length,
+                         generate_max_tokens=o.generate_max_tokens, features=feats,
                          batch_context=fusion.source if fusion else None, extra_columns=extra_columns(feats),
-                         pad_values=pad_values, parse=a["parse"], eval_mode=a["eval_mode"])
+                         pad_values=pad_values, parse=o.parse, eval_mode=o.eval_mode)
 
-    results: dict = dict(data.counts, **start, stage1_merge=a["stage1_merge"] if cfg.trains else None)
+    results: dict = dict(data.counts, **start, stage1_merge=cfg.stage1_merge if cfg.trains else None)
     if cfg.trains:
         feats = _features(cfg, data.train, tokenizer, mt, train=True)
         label_names = ("labels",) if cfg.spec.family == "decoder" or info.kind == "cls" else (
@@ -486,7 +477,7 @@ def run(cfg: Stage2Config) -> dict:
             processing_class=tokenizer, evaluator=val_eval, fusion=fusion, source_columns=source_cols,
             save_adapters=(NEW,) if stacked else None,
         )
-        resume = a["resume_from_checkpoint"]
+        resume = o.resume_from_checkpoint
         t0 = time.time()
         train_out = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
         if stacked:
@@ -502,39 +493,19 @@ def run(cfg: Stage2Config) -> dict:
     t0 = time.time()
     predictions = test_eval.predict(model)
     metrics = test_eval.score(predictions)
-    results.update({f"test_{k}": v for k, v in metrics.items()})
-    results.update(test_runtime=time.time() - t0, n_test=len(data.test), param_total=param_total,
-                   param_train=param_train, run_name=cfg.run_name, mode=cfg.mode,
-                   fusion_calls_train=calls_train, fusion_calls_eval=fusion.calls["eval"] if fusion else 0)
+    results.update(test_results(metrics, time.time() - t0, len(data.test), param_total, param_train),
+                   run_name=cfg.run_name, mode=cfg.mode, fusion_calls_train=calls_train,
+                   fusion_calls_eval=fusion.calls["eval"] if fusion else 0)
     if fusion is not None and fusion.cache is not None:
         results.update(fusion.cache.summary())
-    results.update({k: v for k, v in cfg.describe().items() if k not in results})
-    results["args"] = a
     if fusion is not None and (results["fusion_calls_eval"] == 0 or (cfg.trains and calls_train == 0)):
         raise RuntimeError(f"fusion did not run (train {calls_train}, eval {results['fusion_calls_eval']} calls)")
-    write_json_atomic(cfg.run_dir / "run_config.json", cfg.describe() | {"args": a})
-    write_jsonl_atomic(cfg.run_dir / f"predictions_{cfg.prefix}.jsonl", test_eval.records(predictions))
-    write_json_atomic(cfg.run_dir / f"results_{cfg.prefix}.json", results)
     logger.info("%s %s: %s", cfg.mode, cfg.target_lang, {k: round(v, 4) for k, v in metrics.items()})
-    logger.info("wrote %s", cfg.run_dir)
-    return results
+    return write_run(cfg, results, test_eval.records(predictions), cfg.prefix)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from flare.data.paired import TranslationDataError
-    from flare.models.loading import CheckpointError
-
-    try:
-        cfg = resolve_config(args)
-    except (UsageError, ValueError) as e:
-        return fail(str(e))
-    try:
-        run(cfg)  # loads and checks the data before any model
-    except (UsageError, CheckpointError, TranslationDataError, FileNotFoundError, Stage1MismatchError) as e:
-        return fail(str(e))
-    return 0
+    return stage_main(build_parser, resolve_config, run, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import pandas as pd
 from flare.config import TASKS, resolve_model
 from flare.data import load_task
 from flare.data.layout import META_FILE, SPLIT_FILE, split_file, translated, translation_folder
+from flare.errors import FlareError
 from flare.files import atomic_write
 from flare.languages import nllb_code, resolve
 
@@ -40,7 +41,7 @@ CHUNK = 256  # unique strings per resumable chunk
 TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model", "spm.model")
 
 
-class TranslationError(ValueError):
+class TranslationError(FlareError, ValueError):
     """Bad translation input (language, model, data); the message names the fix."""
 
 

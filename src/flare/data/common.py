@@ -7,12 +7,14 @@ from pathlib import Path
 
 import datasets
 
+from flare.errors import FlareError
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(FlareError, ValueError):
     """A data file exists but its content is wrong; the message names the file and the row."""
 
 

@@ -25,13 +25,14 @@ import pandas as pd
 
 from flare.config import TASKS
 from flare.data.layout import folder_name, mt_of_folder, split_file, translated
+from flare.errors import FlareError
 
 logger = logging.getLogger(__name__)
 
 QA_VALIDATION_EVERY = 10
 
 
-class TranslationDataError(ValueError):
+class TranslationDataError(FlareError, ValueError):
     """Translation files are missing or do not line up with the task data; the message names the fix."""
 
 

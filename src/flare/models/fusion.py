@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flare.errors import FlareError
 from flare.models.stack import stage1_only
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ DECODER_FUSION_FNS = FUSION_FNS
 FUSION_FILE = "fusion_model.safetensors"
 
 
-class FusionError(RuntimeError):
+class FusionError(FlareError, RuntimeError):
     """Fusion is configured but cannot run (no source set, lengths that do not line up, missing modules)."""
 
 

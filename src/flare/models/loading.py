@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from flare.config import TASKS, ModelSpec, model_files
+from flare.errors import FlareError
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ _RESERVED_PAD = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FlareError, RuntimeError):
     """A checkpoint is missing, incomplete, or belongs to another task or model."""
 
 

@@ -1,0 +1,187 @@
+"""What stage 1 (``run_task_ft.py``) and stage 2 (``run.py``) share: the typed options of the common flags, the base
+run config, the flag checks, the Trainer's arguments, the results files and ``main``.
+
+Each stage adds its own fields to :class:`RunConfig` and its own ``resolve_config``/``run``; the code reads options
+as attributes (``cfg.opts.lr``), never from the raw flag dict, which is only recorded (``run_config.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from flare.common_args import FlareError, UsageError, fail
+from flare.config import ModelSpec, model_name
+from flare.files import write_json_atomic, write_jsonl_atomic
+
+logger = logging.getLogger("flare.stages")
+
+POSITIVE = ("lora_r", "lora_alpha", "batch_size", "epochs", "num_evals")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The flags of :func:`flare.common_args.add_common_args` (and ``--train_split``) that shape data, training and
+    evaluation, typed. Built from the parsed flags by :meth:`from_args`."""
+
+    lr: float
+    batch_size: int
+    epochs: int
+    max_steps: int | None
+    gradient_accumulation_steps: int
+    num_evals: int
+    save_total_limit: int
+    group_by_length: bool
+    resume_from_checkpoint: str | None
+    report_to: str
+    wandb_project: str
+    bf16: bool
+    gradient_checkpointing: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    freeze_lm_head: bool
+    eval_only: bool
+    data_dir: str | None
+    train_split: str
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    doc_stride: int
+    max_answer_length: int
+    generate_max_tokens: int
+    parse: str
+    eval_mode: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run of either stage needs, resolved and validated once from the flags (before any model loads).
+    ``args`` is the flags as given, kept only to be recorded in ``run_config.json`` and the results."""
+
+    task: str
+    spec: ModelSpec
+    plm: str
+    plm_name: str
+    seed: int
+    device: str
+    quantize: str
+    max_length: int
+    optim: str
+    target_modules: tuple[str, ...]
+    run_name: str
+    run_dir: Path
+    load_ckpt: Path | None
+    opts: TrainingOptions
+    args: dict
+
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("spec", "opts", "args")  # not JSON values, or recorded apart
+
+    def describe(self) -> dict:
+        """The run's settings as JSON values (``run_config.json``; the loaders read task, plm_name, quantize and
+        max_length back)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.NOT_RECORDED}
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
+        out["hub_id"], out["family"], out["model_type"] = self.spec.hub_id, self.spec.family, self.spec.model_type
+        return out
+
+    def record(self) -> dict:
+        return self.describe() | {"args": self.args}
+
+
+def check_positive(args: argparse.Namespace, names: tuple[str, ...] = POSITIVE) -> None:
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive")
+
+
+def check_checkpoint_matches(load_ckpt: Path, saved: dict, task: str, plm: str, fix: str = "") -> None:
+    """``saved`` (a run's ``run_config.json``) must be of this task and model."""
+    if saved.get("task") != task or saved.get("plm_name") != model_name(plm):
+        raise UsageError(f"--load_ckpt {load_ckpt} was trained for task {saved.get('task')!r} with model "
+                         f"{saved.get('plm_name')!r}, not {task!r} with {model_name(plm)!r}{fix}")
+
+
+def default_optim(optim: str | None, quantize: str, device: str) -> str:
+    """--optim, else 8-bit AdamW for quantised models on a GPU (as the original), else AdamW."""
+    return optim or ("adamw_bnb_8bit" if quantize != "none" and device == "cuda" else "adamw_torch")
+
+
+def setup_tracking(opts: TrainingOptions) -> None:
+    if opts.report_to == "wandb":
+        os.environ.setdefault("WANDB_PROJECT", opts.wandb_project)
+
+
+def training_arguments(cfg: RunConfig, n_train: int, label_names: tuple[str, ...], best_metric: str):
+    """The Trainer's arguments: linear schedule with 10 % warm-up, ``num_evals`` evenly spaced validations (and
+    checkpoints), the best kept by ``best_metric``."""
+    from transformers import TrainingArguments
+
+    o = cfg.opts
+    batch_size = min(o.batch_size, n_train)
+    max_steps = o.max_steps or max(n_train * o.epochs // batch_size // o.gradient_accumulation_steps, 1)
+    eval_steps = max(max_steps // o.num_evals, 1)
+    return TrainingArguments(
+        output_dir=str(cfg.run_dir), run_name=cfg.run_name, seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=o.gradient_accumulation_steps, learning_rate=o.lr,
+        lr_scheduler_type="linear", warmup_steps=int(0.1 * max_steps), max_steps=max_steps,
+        eval_strategy="steps", save_strategy="steps", eval_steps=eval_steps, save_steps=eval_steps,
+        logging_steps=max(max_steps // 100, 1), logging_first_step=True,
+        load_best_model_at_end=True, metric_for_best_model=f"eval_{best_metric}", greater_is_better=True,
+        save_total_limit=o.save_total_limit, report_to=[] if o.report_to == "none" else [o.report_to],
+        bf16=o.bf16, optim=cfg.optim, use_cpu=cfg.device == "cpu", label_names=list(label_names),
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if o.group_by_length else "random",
+        gradient_checkpointing=False,  # enabled on the model itself (non-reentrant) when asked
+    )
+
+
+def test_results(metrics: dict, seconds: float, n_test: int, param_total: int, param_train: int) -> dict:
+    """The test part of ``results_*.json`` (both stages)."""
+    return {**{f"test_{k}": v for k, v in metrics.items()}, "test_runtime": seconds, "n_test": n_test,
+            "param_total": param_total, "param_train": param_train}
+
+
+def write_run(cfg: RunConfig, results: dict, records: list[dict], prefix: str, config: bool = True) -> dict:
+    """Complete ``results`` with the run's settings and flags, then write ``run_config.json`` (if ``config``),
+    ``predictions_{prefix}.jsonl`` and, last, ``results_{prefix}.json`` (whose presence marks a finished run)."""
+    results.update({k: v for k, v in cfg.describe().items() if k not in results})
+    results["args"] = cfg.args
+    if config:
+        write_json_atomic(cfg.run_dir / "run_config.json", cfg.record())
+    write_jsonl_atomic(cfg.run_dir / f"predictions_{prefix}.jsonl", records)
+    write_json_atomic(cfg.run_dir / f"results_{prefix}.json", results)
+    logger.info("wrote %s", cfg.run_dir)
+    return results
+
+
+def stage_main(build_parser: Callable[[], argparse.ArgumentParser], resolve_config: Callable,
+               run: Callable, argv: list[str] | None = None) -> int:
+    """Parse, validate every flag before a model loads, run; a project error (:class:`FlareError`) is one line on
+    stderr and exit 2, never a traceback."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = resolve_config(args)
+    except (FlareError, ValueError) as e:  # flag checks (some raise the builtin ValueError of a parser)
+        return fail(str(e))
+    try:
+        run(cfg)  # loads and checks the data before any model
+    except (FlareError, FileNotFoundError) as e:
+        return fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("flare.stages is a library; run run_task_ft.py or run.py")
