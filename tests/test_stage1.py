@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from run_checks import assert_metrics_match_predictions
 from safetensors.torch import load_file, save_file
 
 from flare import common_args, stage1, stages
@@ -47,8 +48,8 @@ METRICS = {"xnli": ["test_accuracy"], "nusax": ["test_accuracy", "test_f1"], "ty
 ])
 def test_run_directory(tmp_path, tiny_models, family, task, extra):
     run_dir, res = run(tmp_path, tiny_models, family, task, *extra)
-    for key in METRICS[task]:
-        assert 0.0 <= res[key] <= 1.0
+    assert set(METRICS[task]) <= set(res)
+    assert_metrics_match_predictions(run_dir, res)  # the recorded metrics are those of the predictions file
     assert not any(k.startswith("test_test_") for k in res)
     assert res["param_total"] > res["param_train"] > 0
     assert res["run_name"] == f"{task}-en-{family}-3" and res["args"]["task"] == task

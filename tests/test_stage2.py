@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from run_checks import assert_metrics_match_predictions
 from safetensors.torch import load_file
 from stage2_helpers import write_identity_tydiqa
 
@@ -74,7 +75,8 @@ def test_training_modes_encoder(world, mode):
     assert run2(world, "xlm-roberta", "nusax", *train_flags(world, "nusax", "jav"), *extra) == 0
     run_dir, res = results(world, f"nusax-en-jav-xlm-roberta-3{suffix}")
     assert res["mode"] == mode and res["adapter_name"] == adapter and res["run_name"] == run_dir.name
-    assert 0 <= res["test_accuracy"] <= 1 and 0 <= res["test_f1"] <= 1 and res["n_test"] == 8
+    assert res["n_test"] == 8
+    assert_metrics_match_predictions(run_dir, res)
     assert res["param_total"] > res["param_train"] > 0 and res["args"]["target_lang"] == "jav"
     assert not any(k.startswith("test_test_") for k in res)
     if mode.startswith("flare"):
@@ -188,8 +190,9 @@ def test_training_modes_decoder(world, mode):
     extra, suffix, _ = MODES[mode]
     extra = [str(world["models"] / "nllb") if e == "MT" else e for e in extra]
     assert run2(world, "llama", "nusax", *train_flags(world, "nusax", "jav"), *extra) == 0
-    _, res = results(world, f"nusax-en-jav-llama-3{suffix}")
-    assert res["mode"] == mode and 0 <= res["test_f1"] <= 1
+    run_dir, res = results(world, f"nusax-en-jav-llama-3{suffix}")
+    assert res["mode"] == mode
+    assert_metrics_match_predictions(run_dir, res)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "xlm-roberta"])
@@ -199,9 +202,10 @@ def test_tydiqa_modes(world, family):
     flags = ["--adapter", "lora", "--translate-train", "--path_mt",
              str(world["tr"] / "tydiqa" / "translate-sw-identity")]
     assert run2(world, family, "tydiqa", *flags, "--fusion_fn", "add") == 0
-    _, res = results(world, f"tydiqa-en-sw-{family}-3-lora-8_add-translate-sw-identity-ttrain")
+    run_dir, res = results(world, f"tydiqa-en-sw-{family}-3-lora-8_add-translate-sw-identity-ttrain")
     assert res["fusion_calls_train"] > 0 and res["fusion_calls_eval"] > 0
-    assert 0 <= res["test_exact_match"] <= 1 and 0 <= res["test_f1"] <= 1
+    rows = assert_metrics_match_predictions(run_dir, res)
+    assert all(isinstance(r["prediction"], str) and r["gold"] for r in rows)  # answer text vs the gold answers
     assert res["n_train"] == 16 and res["n_validation"] == 4  # every 10th of the 40 translated rows validates
     if family == "xlm-roberta":
         assert run2(world, family, "tydiqa", *flags, "--input_fusion") == 0

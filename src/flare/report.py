@@ -7,7 +7,7 @@ metric (XNLI accuracy, NusaX macro-F1 then accuracy, TyDiQA exact match then F1;
 
 - significance: every FLARE / FLARE MT row minus translate-train LoRA and minus input-level fusion, paired per
   (language, seed): the mean difference, a 95 % percentile-bootstrap interval (fixed seed) and an exact sign test;
-- cost: trainable parameters, epochs and the measured training / test times per mode;
+- cost: trainable parameters, epochs and the measured training / test times per mode (median [min–max]);
 - for a study folder (``study.json``, see ``scripts/embedded_nusax_study.py``): the training budget chosen on
   validation data and the scores behind it (the budget runs themselves are not rows of the tables);
 - the runs missing for a full grid (every mode x language x seed seen for that task and model).
@@ -200,10 +200,18 @@ def significance_markdown(task: str, table: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------- cost
+def median_range(values: list[float], digits: int) -> str:
+    """Median [min–max]: robust to the odd run that shared its machine with other work."""
+    if not values:
+        return "–"
+    med = f"{float(np.median(values)):.{digits}f}"
+    return med if len(values) == 1 else f"{med} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+
+
 def cost_markdown(table: dict) -> list[str]:
-    """Trainable parameters, training budget and measured times per row (means over its runs)."""
-    lines = ["", "Cost per mode (over every run of the row; times are wall-clock seconds on the machine that ran it):",
-             "", "| mode | trainable parameters | epochs | training time (s) | test evaluation time (s) |",
+    """Trainable parameters, training budget and measured wall-clock times per row (over its runs)."""
+    lines = ["", "Cost per mode (every run of the row; wall-clock seconds, median [min–max], on the machine that ran "
+                 "it):", "", "| mode | trainable parameters | epochs | training time (s) | test evaluation time (s) |",
              "|---|---|---|---|---|"]
     for r in table["rows"]:
         runs = [res for (row, _, _), res in table["runs"].items() if row == r]
@@ -213,8 +221,8 @@ def cost_markdown(table: dict) -> list[str]:
         lines.append("| {} | {} | {} | {} | {} |".format(
             row_label(r), " / ".join(f"{p:,}" for p in params) or "–",
             " / ".join(str(e) for e in epochs) if trains else "– (no training)",
-            fmt([res["train_runtime"] for res in trains], scale=1, digits=0),
-            fmt([res["test_runtime"] for res in runs if "test_runtime" in res], scale=1, digits=1)))
+            median_range([res["train_runtime"] for res in trains], 0),
+            median_range([res["test_runtime"] for res in runs if "test_runtime" in res], 1)))
     return lines
 
 
