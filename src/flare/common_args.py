@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -83,11 +84,25 @@ def check_eval_mode(eval_mode: str, family: str, task: str) -> None:
 
 
 def resolve_device(device: str) -> str:
+    """cpu, cuda, or under ``torchrun`` / ``accelerate launch`` (``LOCAL_RANK`` set) ``cuda:LOCAL_RANK``: each rank
+    places its model (quantised or not) and the FLARE MT encoder on its own GPU, never all on GPU 0."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu (or auto)")
+    if device == "cuda" and os.environ.get("LOCAL_RANK") is not None:
+        rank = int(os.environ["LOCAL_RANK"])
+        if rank >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {rank} but only {torch.cuda.device_count()} GPU(s) are visible; start at "
+                             "most one process per GPU (torchrun --nproc_per_node)")
+        return f"cuda:{rank}"
     return device
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed run (``torchrun``/``accelerate launch`` set ``RANK``), or a plain run: the process
+    that writes results, predictions, adapters and ``run_config.json``."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cpu_has_bf16() -> bool:
@@ -104,7 +119,7 @@ def cpu_has_bf16() -> bool:
 def check_bf16(bf16: bool, device: str) -> None:
     if not bf16:
         return
-    if device == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise UsageError("--bf16: this GPU does not support bf16; drop --bf16")
     if device == "cpu" and not cpu_has_bf16():
         raise UsageError("--bf16: this CPU has no native bf16 (avx512_bf16/amx); drop --bf16 to train in fp32")

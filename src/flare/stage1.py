@@ -13,7 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flare.common_args import UsageError, add_common_args, check_bf16, check_eval_mode, resolve_device
+from flare.common_args import (
+    UsageError,
+    add_common_args,
+    check_bf16,
+    check_eval_mode,
+    is_main_process,
+    resolve_device,
+)
 from flare.config import TASKS, ModelSpec, model_name, resolve_model
 from flare.data import check_task_language, load_task
 from flare.stages import (
@@ -170,7 +177,8 @@ def run(cfg: Stage1Config) -> dict:
         train_out = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
         results.update(trainer.summary(train_out, time.time() - t0),
                        n_train=len(train_ds), n_train_features=len(feats))
-        save_adapter(model, cfg.run_dir)
+        if is_main_process():  # distributed: rank 0 writes
+            save_adapter(model, cfg.run_dir)
 
     test_eval = evaluator(test_ds)
     t0 = time.time()

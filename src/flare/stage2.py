@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from flare.common_args import UsageError, add_common_args, check_bf16, check_eval_mode, resolve_device
+from flare.common_args import (
+    UsageError,
+    add_common_args,
+    check_bf16,
+    check_eval_mode,
+    is_main_process,
+    resolve_device,
+)
 from flare.config import TASKS, ModelSpec, model_name, resolve_model
 from flare.data import check_task_language
 from flare.errors import FlareError
@@ -484,9 +491,10 @@ def run(cfg: Stage2Config) -> dict:
             activate(model)  # the best checkpoint's reload may have reset which adapters the layers run
         results.update(trainer.summary(train_out, time.time() - t0),
                        n_train=len(data.train), n_train_features=len(feats), n_validation=len(data.validation))
-        save_adapter(model, cfg.run_dir)
-        if fusion is not None:
-            fusion.save(cfg.run_dir)
+        if is_main_process():  # distributed: rank 0 writes
+            save_adapter(model, cfg.run_dir)
+            if fusion is not None:
+                fusion.save(cfg.run_dir)
     calls_train = fusion.calls["train"] if fusion else 0
 
     test_eval = evaluator(data.test)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from flare.common_args import FlareError, UsageError, fail
+from flare.common_args import FlareError, UsageError, fail, is_main_process
 from flare.config import ModelSpec, model_name
 from flare.files import write_json_atomic, write_jsonl_atomic
 
@@ -114,7 +114,7 @@ def check_checkpoint_matches(load_ckpt: Path, saved: dict, task: str, plm: str, 
 
 def default_optim(optim: str | None, quantize: str, device: str) -> str:
     """--optim, else 8-bit AdamW for quantised models on a GPU (as the original), else AdamW."""
-    return optim or ("adamw_bnb_8bit" if quantize != "none" and device == "cuda" else "adamw_torch")
+    return optim or ("adamw_bnb_8bit" if quantize != "none" and device.startswith("cuda") else "adamw_torch")
 
 
 def setup_tracking(opts: TrainingOptions) -> None:
@@ -155,9 +155,12 @@ def test_results(metrics: dict, seconds: float, n_test: int, param_total: int, p
 
 def write_run(cfg: RunConfig, results: dict, records: list[dict], prefix: str, config: bool = True) -> dict:
     """Complete ``results`` with the run's settings and flags, then write ``run_config.json`` (if ``config``),
-    ``predictions_{prefix}.jsonl`` and, last, ``results_{prefix}.json`` (whose presence marks a finished run)."""
+    ``predictions_{prefix}.jsonl`` and, last, ``results_{prefix}.json`` (whose presence marks a finished run).
+    In a distributed run only rank 0 writes."""
     results.update({k: v for k, v in cfg.describe().items() if k not in results})
     results["args"] = cfg.args
+    if not is_main_process():  # distributed: every rank evaluated the same model; rank 0 alone writes
+        return results
     if config:
         write_json_atomic(cfg.run_dir / "run_config.json", cfg.record())
     write_jsonl_atomic(cfg.run_dir / f"predictions_{prefix}.jsonl", records)

@@ -19,6 +19,14 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from flare.evaluation import Evaluator
 
 
+def is_causal_lm(model) -> bool:
+    """A causal LM (its loss sums over tokens and divides by ``num_items_in_batch``), peft-wrapped or not."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 class FlareTrainer(Trainer):
     """``save_adapters``: the peft adapters a checkpoint holds (stage 2: only the new one, not the frozen stage-1
     adapter under it); None saves every adapter, as Trainer does."""
@@ -28,6 +36,12 @@ class FlareTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.evaluator, self.fusion, self.source_columns = evaluator, fusion, tuple(source_columns)
         self.save_adapters = save_adapters
+        if not is_causal_lm(self.model):
+            # A peft model's forward takes **kwargs, so Trainer believes the model normalises its loss by
+            # num_items_in_batch across devices and accumulation steps, and scales the loss by the number of
+            # processes (and skips dividing it by the accumulation steps). Classification and QA heads ignore
+            # num_items_in_batch: their gradients would be world_size (or accumulation_steps) times too large.
+            self.model_accepts_loss_kwargs = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.fusion is None:
@@ -55,7 +69,7 @@ class FlareTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        if self.fusion is not None:
+        if self.fusion is not None and self.args.should_save:  # distributed: rank 0 writes
             self.fusion.save(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -75,6 +89,9 @@ class FlareTrainer(Trainer):
         ``validation_history`` as [step, value]), e.g. to pick a training budget on validation data only."""
         key = self.args.metric_for_best_model
         history = [[int(h["step"]), float(h[key])] for h in self.state.log_history if key in h]
+        a = self.args
         return dict(train_runtime=seconds, train_loss=train_out.training_loss, train_steps=self.state.global_step,
+                    world_size=a.world_size,
+                    effective_batch_size=a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
                     best_checkpoint=self.state.best_model_checkpoint, validation_metric=key,
                     validation_best=self.state.best_metric, validation_history=history)

@@ -98,7 +98,7 @@ class NLLBTranslator:
         probe = self.tokenizer("Hello world", add_special_tokens=False)["input_ids"]
         if not probe or all(i == self.tokenizer.unk_token_id for i in probe):
             raise TranslationError(f"--model {model}: could not load its tokenizer (it maps text to <unk>); {hint}")
-        dtype = torch.bfloat16 if (bf16 and device == "cuda") else torch.float32
+        dtype = torch.bfloat16 if (bf16 and device.startswith("cuda")) else torch.float32
         self.model = AutoModelForSeq2SeqLM.from_pretrained(spec.hub_id, dtype=dtype).to(device).eval()
         self.device, self.max_length, self.batch_size, self.num_beams = device, max_length, batch_size, num_beams
 

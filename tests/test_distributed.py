@@ -1,0 +1,152 @@
+"""Several processes, one run: device per rank, rank 0 writes, and a 2-process (gloo, CPU) run of stage 1 and of
+FLARE (cross-attention) that computes what one process computes with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from flare import common_args, stages
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = str(REPO / "data")
+
+
+# ------------------------------------------------------------------------------------------- device per rank
+@pytest.fixture
+def two_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_each_rank_gets_its_own_gpu(monkeypatch, two_gpus):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert common_args.resolve_device("auto") == "cuda"  # a plain run: the current GPU
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert common_args.resolve_device("auto") == "cuda:1" and common_args.resolve_device("cuda") == "cuda:1"
+    assert common_args.resolve_device("cpu") == "cpu"
+    # the 8-bit optimizer default follows the GPU, whichever it is
+    assert stages.default_optim(None, "4bit", "cuda:1") == "adamw_bnb_8bit"
+    assert stages.default_optim(None, "4bit", "cpu") == "adamw_torch"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(common_args.UsageError, match="only 2 GPU"):
+        common_args.resolve_device("auto")
+
+
+def test_the_quantised_model_is_placed_on_the_rank_gpu(monkeypatch):
+    """load_model passes the rank's device to bitsandbytes' device_map (not 'cuda', which is GPU 0 on every rank)."""
+    from flare.config import resolve_model
+    from flare.models import loading
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_from_pretrained(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(Stop):
+        loading.load_model(resolve_model("llama3.1-8b"), "nusax", quantize="4bit", device="cuda:3", bf16=False)
+    assert seen["device_map"] == {"": "cuda:3"}
+
+
+def test_only_rank_zero_writes(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    assert not common_args.is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert common_args.is_main_process()
+    monkeypatch.delenv("RANK")
+    assert common_args.is_main_process()
+
+
+# ---------------------------------------------------------------------------------- 2 processes vs 1, for real
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, argv: list[str], nproc: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.pop("RANK", None), env.pop("LOCAL_RANK", None), env.pop("WORLD_SIZE", None)
+    if nproc == 1:
+        cmd = [sys.executable, str(REPO / script), *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / script), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tiny_models, tmp_path_factory) -> Path:
+    """The tiny XLM-R without dropout: each rank draws its own dropout masks, so only a dropout-free model can
+    compute exactly what one process computes."""
+    out = tmp_path_factory.mktemp("nodrop") / "xlm-roberta"
+    shutil.copytree(tiny_models / "xlm-roberta", out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def compare(one: Path, two: Path, prefix: str = "test") -> dict:
+    r1 = json.loads((one / f"results_{prefix}.json").read_text())
+    r2 = json.loads((two / f"results_{prefix}.json").read_text())
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r1["effective_batch_size"] == r2["effective_batch_size"] == 8
+    assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-4)  # not 2x: see FlareTrainer
+    for key in [k for k in r1 if k.startswith("test_") and k != "test_runtime"]:
+        assert r2[key] == r1[key], key
+    assert [v for _, v in r2["validation_history"]] == pytest.approx([v for _, v in r1["validation_history"]])
+    assert (one / f"predictions_{prefix}.jsonl").read_text() == (two / f"predictions_{prefix}.jsonl").read_text()
+    w1, w2 = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert w1.keys() == w2.keys()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    return r2
+
+
+@pytest.mark.slow
+def test_two_processes_compute_what_one_computes(tmp_path, no_dropout_model):
+    """Stage 1, then FLARE with cross-attention (a fusion module outside peft, kept in sync by DDP), each run once
+    with 1 process x batch 8 and once with torchrun 2 processes x batch 4: the same global batches (accelerate
+    hands out whole per-rank batches in turn), so the same losses, metrics, predictions and weights up to float
+    summation order; one run directory, written by rank 0."""
+    common = ["--task", "nusax", "--plm", str(no_dropout_model), "--data_dir", DATA, "--max_train_samples", "32",
+              "--max_eval_samples", "16", "--max_steps", "4", "--lr", "1e-3", "--seed", "3", "--num_evals", "2"]
+    for n, batch in ((1, "8"), (2, "4")):
+        launch("run_task_ft.py", [*common, "--batch_size", batch, "--output_dir", str(tmp_path / f"s1-{n}")], n)
+    name = "nusax-en-xlm-roberta-3"
+    compare(tmp_path / "s1-1" / name, tmp_path / "s1-2" / name)
+
+    tr = tmp_path / "translations"
+    for src, tgt in (("en", "jav"), ("jav", "en")):
+        launch("run_translate.py", ["--task", "nusax", "--source_lang", src, "--target_lang", tgt, "--model",
+                                    "reference", "--output_dir", str(tr), "--data_dir", DATA], 1)
+    flare = ["--target_lang", "jav", "--load_ckpt", str(tmp_path / "s1-1" / name), "--adapter", "lora",
+             "--translate-train", "--path_mt", str(tr / "nusax" / "translate-jav-reference"),
+             "--fusion_fn", "cross-attention"]
+    for n, batch in ((1, "8"), (2, "4")):
+        launch("run.py", [*common, *flare, "--batch_size", batch, "--output_dir", str(tmp_path / f"s2-{n}")], n)
+    run = "nusax-en-jav-xlm-roberta-3-lora-8_cross-attention-translate-jav-reference-ttrain"
+    res = compare(tmp_path / "s2-1" / run, tmp_path / "s2-2" / run)
+    assert res["fusion_calls_train"] > 0 and res["fusion_calls_eval"] > 0
+    f1 = load_file(tmp_path / "s2-1" / run / "fusion_model.safetensors")
+    f2 = load_file(tmp_path / "s2-2" / run / "fusion_model.safetensors")
+    assert max((f1[k] - f2[k]).abs().max().item() for k in f1) < 1e-4
