@@ -150,3 +150,17 @@ def test_two_processes_compute_what_one_computes(tmp_path, no_dropout_model):
     f1 = load_file(tmp_path / "s2-1" / run / "fusion_model.safetensors")
     f2 = load_file(tmp_path / "s2-2" / run / "fusion_model.safetensors")
     assert max((f1[k] - f2[k]).abs().max().item() for k in f1) < 1e-4
+
+
+def test_gradient_accumulation_computes_the_full_batch(tmp_path, no_dropout_model):
+    """batch 4 x 2 accumulation steps = batch 8 on an encoder (regression: Trainer skipped dividing the loss by the
+    accumulation steps, believing the peft-wrapped classifier normalised by num_items_in_batch)."""
+    from flare import stage1
+
+    common = ["--task", "nusax", "--plm", str(no_dropout_model), "--data_dir", DATA, "--max_train_samples", "32",
+              "--max_eval_samples", "16", "--max_steps", "3", "--lr", "1e-3", "--seed", "3", "--num_evals", "1"]
+    for name, flags in (("full", ["--batch_size", "8"]),
+                        ("accum", ["--batch_size", "4", "--gradient_accumulation_steps", "2"])):
+        assert stage1.main([*common, *flags, "--output_dir", str(tmp_path / name)]) == 0
+    w = [load_file(tmp_path / n / "nusax-en-xlm-roberta-3" / "adapter_model.safetensors") for n in ("full", "accum")]
+    assert max((w[0][k] - w[1][k]).abs().max().item() for k in w[0]) < 1e-5
