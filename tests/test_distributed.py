@@ -81,11 +81,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, argv: list[str], nproc: int) -> subprocess.CompletedProcess:
+def launch(script: str, argv: list[str], nproc: int, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.pop("RANK", None), env.pop("LOCAL_RANK", None), env.pop("WORLD_SIZE", None)
     if nproc == 1:
         cmd = [sys.executable, str(REPO / script), *argv]
+    elif launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(REPO / script), *argv, "--device", "cpu"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / script), *argv]
@@ -134,6 +138,9 @@ def test_two_processes_compute_what_one_computes(tmp_path, no_dropout_model):
         launch("run_task_ft.py", [*common, "--batch_size", batch, "--output_dir", str(tmp_path / f"s1-{n}")], n)
     name = "nusax-en-xlm-roberta-3"
     compare(tmp_path / "s1-1" / name, tmp_path / "s1-2" / name)
+    # accelerate launch (torchrun underneath) works as well
+    launch("run_task_ft.py", [*common, "--batch_size", "4", "--output_dir", str(tmp_path / "s1-acc")], 2, "accelerate")
+    compare(tmp_path / "s1-1" / name, tmp_path / "s1-acc" / name)
 
     tr = tmp_path / "translations"
     for src, tgt in (("en", "jav"), ("jav", "en")):
