@@ -26,7 +26,9 @@ from flare.data import check_task_language, load_task
 from flare.stages import (
     RunConfig,
     TrainingOptions,
+    check_adapter_file,
     check_checkpoint_matches,
+    check_output_dir,
     check_positive,
     default_optim,
     setup_tracking,
@@ -82,6 +84,8 @@ def resolve_config(args: argparse.Namespace) -> Stage1Config:
         if not load_ckpt.is_dir():
             raise UsageError(f"--load_ckpt {load_ckpt}: no such run directory")
         check_checkpoint_matches(load_ckpt, read_run_config(load_ckpt), args.task, args.plm)
+        check_adapter_file(load_ckpt)
+    check_output_dir(args.output_dir)
     plm_name = model_name(args.plm)
     run_name = f"{args.task}-{lang}-{plm_name}-{args.seed}"
     return Stage1Config(

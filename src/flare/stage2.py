@@ -50,7 +50,9 @@ from flare.stages import (
     POSITIVE,
     RunConfig,
     TrainingOptions,
+    check_adapter_file,
     check_checkpoint_matches,
+    check_output_dir,
     check_positive,
     default_optim,
     setup_tracking,
@@ -215,6 +217,8 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         raise UsageError(str(e)) from e
     check_checkpoint_matches(load_ckpt, saved, args.task, args.plm,
                              fix="; pass the stage-1 run of this task and model")
+    check_adapter_file(load_ckpt)
+    check_output_dir(args.output_dir)
     if args.eval_zs and not args.eval_only:
         logger.info("--eval_zs evaluates only (the original went on to train the task adapter without --eval_only)")
     trains = mode not in ("zero-shot", "translate-test")
@@ -236,6 +240,12 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         mt_spec = resolve_model(args.mt_model)
         if mt_spec.family != "seq2seq":
             raise UsageError(f"--mt_model {args.mt_model} is not a translation (NLLB) model")
+    target_modules = tuple(args.target_modules or spec.lora_targets)
+    missing = [t for t in spec.fusion_targets if t not in target_modules and "all-linear" not in target_modules]
+    if args.fusion_fn and missing:
+        raise UsageError(f"--target_modules {' '.join(target_modules)} lacks the fusion targets {' '.join(missing)} "
+                         f"of {spec.model_type}: FLARE fuses inside their LoRA; add them (e.g. --target_modules "
+                         f"{' '.join(dict.fromkeys((*target_modules, *missing)))})")
     if args.fusion_fn and spec.no_fusion:
         raise UsageError(f"--fusion_fn with --plm {args.plm} ({spec.model_type}): {spec.no_fusion}")
     if args.fusion_fn and spec.family == "decoder" and args.fusion_fn not in DECODER_FUSION_FNS:
@@ -267,7 +277,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         task=args.task, mode=mode, source_lang=src, target_lang=tgt, spec=spec, plm=args.plm,
         plm_name=model_name(args.plm), seed=args.seed, device=device, quantize=quantize, max_length=max_length,
         optim=default_optim(args.optim, quantize, device),
-        target_modules=tuple(args.target_modules or spec.lora_targets), adapter_name=adapter_name,
+        target_modules=target_modules, adapter_name=adapter_name,
         fusion_fn=args.fusion_fn, mt_spec=mt_spec, path_mt=path_mt, run_name=name,
         run_dir=Path(args.output_dir) / name, load_ckpt=load_ckpt, prefix="zs" if mode == "zero-shot" else "test",
         stage1_merge=args.stage1_merge, cross_attention_heads=args.cross_attention_heads,

@@ -105,8 +105,42 @@ def check_positive(args: argparse.Namespace, names: tuple[str, ...] = POSITIVE) 
             raise UsageError(f"--{name} must be positive")
 
 
+def check_output_dir(output_dir: str | Path) -> None:
+    """The run directory can be made under ``output_dir``: checked before any model is loaded, so a typo costs
+    seconds, not a training run."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: {existing} is not a folder (a file is in the way); pass a "
+                         "folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {output_dir}: {existing} is not writable by this user; pass a folder you "
+                         "can write to")
+
+
+def check_adapter_file(load_ckpt: Path) -> None:
+    """A run directory's adapter file is complete (its safetensors header and data agree): a truncated copy fails
+    here, before any model is loaded, rather than deep inside peft."""
+    from safetensors import safe_open
+
+    from flare.models.loading import ADAPTER_FILE, CheckpointError
+
+    path = load_ckpt / ADAPTER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{load_ckpt}: no {ADAPTER_FILE}; pass a run directory written by run_task_ft.py")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); copy it again or re-run run_task_ft.py") from e
+
+
 def check_checkpoint_matches(load_ckpt: Path, saved: dict, task: str, plm: str, fix: str = "") -> None:
-    """``saved`` (a run's ``run_config.json``) must be of this task and model."""
+    """``saved`` (a run's ``run_config.json``) is a STAGE-1 run of this task and model."""
+    if "target_lang" in saved:
+        raise UsageError(f"--load_ckpt {load_ckpt} is a stage-2 run ({saved.get('mode')}, {saved.get('source_lang')}"
+                         f"->{saved.get('target_lang')}); pass the stage-1 run it started from: "
+                         f"{saved.get('load_ckpt')}")
     if saved.get("task") != task or saved.get("plm_name") != model_name(plm):
         raise UsageError(f"--load_ckpt {load_ckpt} was trained for task {saved.get('task')!r} with model "
                          f"{saved.get('plm_name')!r}, not {task!r} with {model_name(plm)!r}{fix}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flare.config import model_name
+from flare.errors import FlareError
 
 logger = logging.getLogger("flare.sweep")
 
@@ -78,6 +79,21 @@ def mode_flags(mode: str, fn: str, forward: Path, backward: Path, mt_model: str)
         "flare": [*train, "--fusion_fn", fn],
         "flare-mt": [*train, "--fusion_fn", fn, "--fuse_mt", "--mt_model", mt_model],
     }[mode]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The grid's model, languages and folders, checked before any job starts (a typo fails in a second, not after
+    stage 1)."""
+    from flare.config import resolve_model
+    from flare.data import check_task_language
+    from flare.stages import check_output_dir
+
+    resolve_model(args.plm)
+    for lang in (args.source_lang, *args.langs):
+        check_task_language(args.task, lang)
+    for folder in (args.output_dir, args.stage1_dir, args.translations):
+        if folder:
+            check_output_dir(folder)
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
@@ -171,6 +187,11 @@ def run_jobs(jobs: list[Job], dry_run: bool = False, python: str = sys.executabl
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_args(args)
+    except (FlareError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     jobs = plan(args)
     ran, skipped, failed = run_jobs(jobs, args.dry_run, in_process=args.in_process)
     logger.info("sweep: %d ran, %d skipped (finished), %d failed", len(ran), len(skipped), len(failed))

@@ -16,6 +16,7 @@ training row (the original validated on 20 training rows).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import datasets
 import pandas as pd
 
 from flare.config import TASKS
-from flare.data.layout import folder_name, mt_of_folder, split_file, translated
+from flare.data.layout import META_FILE, folder_name, mt_of_folder, split_file, translated
 from flare.errors import FlareError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,19 @@ def read_translation(folder: Path, task: str, split: str, src: str, tgt: str, mt
             f"missing translation file {path}. Make it with:\n  "
             f"{translate_command(task, src, tgt, mt, split, folder.parent.parent)}\n"
             "(add --data_dir data for the local data; run_translate.sh makes every file FLARE needs)")
-    df = pd.read_parquet(path)
+    meta_path = folder / META_FILE
+    if meta_path.is_file():  # written by run_translate.py: the folder must hold this task's data, into tgt
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("task"), meta.get("target_lang")) != (task, tgt):
+            raise TranslationDataError(
+                f"{folder} holds {meta.get('task')} translations into {meta.get('target_lang')}, not {task} into "
+                f"{tgt}; pass --path_mt translations/{task}/{folder_name(tgt, mt)} (made by run_translate.py)")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a cut or corrupt file
+        remake = translate_command(task, src, tgt, mt, split, folder.parent.parent)
+        raise TranslationDataError(f"{path} is not a readable parquet file ({type(e).__name__}: {e}); remake it "
+                                   f"with --overwrite:\n  {remake} --overwrite") from e
     fields = TASKS[task].text_fields
     needed = [*(fields if need_source else ()), *(translated(f) for f in fields),
               *((translated("answers"),) if task == "tydiqa" else ("label",))]

@@ -159,7 +159,11 @@ def read_run_config(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / "run_config.json"
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no run_config.json; --load_ckpt must be a run directory of run_task_ft.py")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the file was cut or edited; re-run run_task_ft.py "
+                              "for this run") from e
 
 
 class MTEncoder:
