@@ -18,6 +18,7 @@ import argparse
 import gc
 import importlib.util
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flare.config import model_name
-from flare.errors import FlareError
+from flare.errors import FlareError, UsageError
 
 logger = logging.getLogger("flare.sweep")
 
@@ -39,6 +40,7 @@ class Job:
     name: str
     argv: list[str]
     done_file: Path | None  # None: always run (the script skips finished work itself)
+    deps: tuple[str, ...] = ()  # names of the jobs that must finish first (stage 1 of the seed, the translations)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every job in this process (no per-job interpreter start and imports; fresh model and "
                         "seed per run, same results); default: one process per job")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    g = p.add_argument_group("parallel and cluster runs")
+    g.add_argument("--gpus", default=None,
+                   help="comma-separated GPU ids (e.g. 0,1,2,3): independent jobs run in parallel, one per GPU "
+                        "(CUDA_VISIBLE_DEVICES), in dependency order; each job's output goes to LOG_DIR/<job>.log")
+    g.add_argument("--launcher", default=None, choices=["slurm", "local"],
+                   help="submit every job through submitit: slurm = Slurm jobs with afterok dependencies; local = "
+                        "submitit's local executor (real processes on this machine, for testing the same path)")
+    g.add_argument("--log_dir", default=None, help="job logs (default OUTPUT_DIR/logs)")
+    g.add_argument("--partition", default=None, help="Slurm partition")
+    g.add_argument("--account", default=None, help="Slurm account")
+    g.add_argument("--gpus_per_job", type=int, default=1, help="GPUs per Slurm job (default 1)")
+    g.add_argument("--cpus_per_job", type=int, default=8, help="CPUs per Slurm job (default 8)")
+    g.add_argument("--mem_gb", type=int, default=64, help="memory per Slurm job in GB (default 64)")
+    g.add_argument("--time_min", type=int, default=24 * 60, help="time limit per Slurm job in minutes (default 1 day)")
     return p
 
 
@@ -84,6 +100,13 @@ def mode_flags(mode: str, fn: str, forward: Path, backward: Path, mt_model: str)
 def check_args(args: argparse.Namespace) -> None:
     """The grid's model, languages and folders, checked before any job starts (a typo fails in a second, not after
     stage 1)."""
+    if args.in_process and (args.gpus or args.launcher):
+        raise UsageError("--in_process runs the jobs one after another in this process; drop it with --gpus or "
+                         "--launcher")
+    if args.gpus and args.launcher:
+        raise UsageError("--gpus runs the jobs on this node, --launcher submits them; pass one of them")
+    if args.gpus is not None and not [g for g in args.gpus.split(",") if g.strip()]:
+        raise UsageError(f"--gpus {args.gpus!r}: give GPU ids, e.g. --gpus 0,1,2,3")
     from flare.config import resolve_model
     from flare.data import check_task_language
     from flare.stages import check_output_dir
@@ -103,10 +126,12 @@ def plan(args: argparse.Namespace) -> list[Job]:
     out, tr = Path(args.output_dir), Path(args.translations)
     data = ["--data_dir", args.data_dir] if args.data_dir else []
     jobs: list[Job] = []
+    translations: dict[str, tuple[str, ...]] = {}  # language -> its translation jobs
     needs_mt = any(m != "zero-shot" for m in args.modes)
     if needs_mt:
         for lang in args.langs:
             for src, tgt, splits in ((args.source_lang, lang, []), (lang, args.source_lang, ["--splits", "test"])):
+                translations[lang] = (*translations.get(lang, ()), f"translate {args.task} {src}->{tgt}")
                 jobs.append(Job(f"translate {args.task} {src}->{tgt}",
                                 ["run_translate.py", "--task", args.task, "--source_lang", src, "--target_lang", tgt,
                                  "--model", args.mt, "--output_dir", str(tr), *splits, *data,
@@ -114,7 +139,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
     for seed in args.seeds:
         stage1_root = Path(args.stage1_dir or args.output_dir)
         stage1_dir = stage1_root / f"{args.task}-{args.source_lang}-{plm_name}-{seed}"
-        jobs.append(Job(f"stage 1 seed {seed}",
+        stage1_job = f"stage 1 seed {seed}"
+        jobs.append(Job(stage1_job,
                         ["run_task_ft.py", "--task", args.task, "--plm", args.plm, "--lang", args.source_lang,
                          "--seed", str(seed), "--output_dir", str(stage1_root), *data,
                          *shlex.split(args.stage1_args)],
@@ -132,8 +158,9 @@ def plan(args: argparse.Namespace) -> list[Job]:
                     parsed = stage2.build_parser().parse_args(argv)
                     name = stage2.run_name(parsed, args.source_lang, lang, plm_name)
                     prefix = "zs" if mode == "zero-shot" else "test"
+                    deps = (stage1_job, *(translations.get(lang, ()) if mode != "zero-shot" else ()))
                     jobs.append(Job(f"{mode}{'/' + fn if fn else ''} {lang} seed {seed}", ["run.py", *argv],
-                                    out / name / f"results_{prefix}.json"))
+                                    out / name / f"results_{prefix}.json", deps))
     return jobs
 
 
@@ -158,17 +185,31 @@ def run_in_process(job: Job) -> int:
     return code
 
 
+def command(job: Job, python: str = sys.executable) -> list[str]:
+    """The job's command line: a repository script (``run.py`` ...) or raw interpreter arguments."""
+    script = str(REPO / job.argv[0]) if job.argv[0].endswith(".py") else job.argv[0]
+    return [python, script, *job.argv[1:]]
+
+
+def blocked_by(job: Job, failed: list[str]) -> str | None:
+    return next((d for d in job.deps if d in failed), None)
+
+
 def run_jobs(jobs: list[Job], dry_run: bool = False, python: str = sys.executable,
              in_process: bool = False) -> tuple[list, list, list]:
-    """(ran, skipped, failed) job names; failures never stop the sweep."""
+    """One job at a time, in plan order (which is a dependency order). (ran, skipped, failed) job names; a failure
+    never stops the sweep, but the jobs that depend on a failed job are not started (failed too)."""
     ran, skipped, failed = [], [], []
     for i, job in enumerate(jobs, 1):
         if job.done_file is not None and job.done_file.is_file():
             logger.info("[%d/%d] skip (finished): %s", i, len(jobs), job.name)
             skipped.append(job.name)
             continue
-        script = str(REPO / job.argv[0]) if job.argv[0].endswith(".py") else job.argv[0]
-        cmd = [python, script, *job.argv[1:]]
+        if (dep := blocked_by(job, failed)) is not None:
+            logger.error("[%d/%d] not started, %s failed: %s", i, len(jobs), dep, job.name)
+            failed.append(job.name)
+            continue
+        cmd = command(job, python)
         here = in_process and job.argv[0].endswith(".py")
         logger.info("[%d/%d] %s%s\n  %s", i, len(jobs), job.name, " (in process)" if here else "", shlex.join(cmd))
         if dry_run:
@@ -184,6 +225,119 @@ def run_jobs(jobs: list[Job], dry_run: bool = False, python: str = sys.executabl
     return ran, skipped, failed
 
 
+def log_name(job: Job) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in job.name) + ".log"
+
+
+def run_parallel(jobs: list[Job], gpus: list[str], log_dir: Path, python: str = sys.executable,
+                 poll_s: float = 0.2) -> tuple[list, list, list]:
+    """Up to one job per GPU at a time (``CUDA_VISIBLE_DEVICES``), each started once every job it depends on has
+    finished; each job's stdout and stderr go to ``log_dir/<job>.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ran, skipped, failed = [], [], []
+    pending, free = list(jobs), list(gpus)
+    running: dict[str, tuple[Job, subprocess.Popen, float, object]] = {}
+    finished = lambda name: name in ran or name in skipped  # noqa: E731
+    while pending or running:
+        for job in list(pending):
+            if job.done_file is not None and job.done_file.is_file():
+                logger.info("skip (finished): %s", job.name)
+                skipped.append(job.name)
+                pending.remove(job)
+            elif (dep := blocked_by(job, failed)) is not None:
+                logger.error("not started, %s failed: %s", dep, job.name)
+                failed.append(job.name)
+                pending.remove(job)
+            elif free and all(finished(d) for d in job.deps):
+                gpu = free.pop(0)
+                log = open(log_dir / log_name(job), "w")  # noqa: SIM115 - closed when the job ends
+                cmd = command(job, python)
+                log.write(shlex.join(cmd) + "\n")
+                log.flush()
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+                running[gpu] = (job, proc, time.time(), log)
+                pending.remove(job)
+                logger.info("GPU %s: %s (log %s)", gpu, job.name, log.name)
+        for gpu, (job, proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[gpu]
+            free.append(gpu)
+            if proc.returncode == 0:
+                logger.info("done in %.0f s on GPU %s: %s", time.time() - t0, gpu, job.name)
+                ran.append(job.name)
+            else:
+                logger.error("FAILED (exit %d): %s; log: %s", proc.returncode, job.name, log.name)
+                failed.append(job.name)
+        if running or pending:
+            time.sleep(poll_s)
+    return ran, skipped, failed
+
+
+def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
+                 python: str = sys.executable) -> tuple[list, list, list]:
+    """Every unfinished job through submitit. Slurm: each job submitted with ``afterok`` dependencies on its
+    predecessors' Slurm jobs, all at once; local (submitit's local executor, no dependency support): submitted
+    wave by wave, each job once its predecessors have finished. Logs: submitit's per-job files in ``log_dir``."""
+    import submitit
+    from submitit.helpers import CommandFunction
+
+    executor = submitit.AutoExecutor(folder=log_dir / "%j", cluster=args.launcher)
+    params = dict(timeout_min=args.time_min, cpus_per_task=args.cpus_per_job, mem_gb=args.mem_gb,
+                  gpus_per_node=args.gpus_per_job, nodes=1, tasks_per_node=1, name="flare")
+    if args.launcher == "slurm":
+        params.update({k: v for k, v in (("slurm_partition", args.partition), ("slurm_account", args.account))
+                       if v})
+    executor.update_parameters(**params)
+    ran, skipped, failed = [], [], []
+    submitted: dict[str, object] = {}
+    pending = list(jobs)
+
+    def submit(job: Job):
+        if args.launcher == "slurm":
+            ids = [submitted[d].job_id for d in job.deps if d in submitted]
+            # kill_on_invalid_dep: a job whose predecessor failed ends (and is reported) instead of pending forever
+            executor.update_parameters(slurm_additional_parameters=(
+                {"dependency": "afterok:" + ":".join(ids), "kill_on_invalid_dep": "yes"} if ids else {}))
+        cmd = command(job, python)
+        submitted[job.name] = executor.submit(CommandFunction(cmd, cwd=os.getcwd(), verbose=True))
+        logger.info("submitted %s: %s (log %s)", submitted[job.name].job_id, job.name,
+                    submitted[job.name].paths.stdout)
+
+    def collect(name: str) -> None:
+        sub = submitted[name]
+        try:
+            sub.result()
+            ran.append(name)
+            logger.info("done: %s", name)
+        except Exception as e:  # noqa: BLE001 - a failed job is reported, the others go on
+            failed.append(name)
+            logger.error("FAILED: %s (%s); log: %s", name, type(e).__name__, sub.paths.stderr)
+
+    while pending:
+        wave = []
+        for job in list(pending):
+            if job.done_file is not None and job.done_file.is_file():
+                skipped.append(job.name)
+                pending.remove(job)
+            elif (dep := blocked_by(job, failed)) is not None:
+                logger.error("not submitted, %s failed: %s", dep, job.name)
+                failed.append(job.name)
+                pending.remove(job)
+            elif args.launcher == "slurm" or all(d in ran or d in skipped for d in job.deps):
+                wave.append(job)
+                pending.remove(job)
+        if not wave and pending:  # local: the rest waits for jobs that are still running
+            raise RuntimeError("sweep: no job can start; a dependency is missing from the plan")
+        for job in wave:
+            submit(job)
+        for job in wave:
+            collect(job.name)
+    return ran, skipped, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -193,7 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     jobs = plan(args)
-    ran, skipped, failed = run_jobs(jobs, args.dry_run, in_process=args.in_process)
+    log_dir = Path(args.log_dir or Path(args.output_dir) / "logs")
+    if args.dry_run or not (args.gpus or args.launcher):
+        ran, skipped, failed = run_jobs(jobs, args.dry_run, in_process=args.in_process)
+    elif args.gpus:
+        ran, skipped, failed = run_parallel(jobs, [g.strip() for g in args.gpus.split(",") if g.strip()], log_dir)
+    else:
+        ran, skipped, failed = run_submitit(jobs, args, log_dir)
     logger.info("sweep: %d ran, %d skipped (finished), %d failed", len(ran), len(skipped), len(failed))
     for name in failed:
         logger.error("failed: %s", name)

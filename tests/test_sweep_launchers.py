@@ -1,0 +1,83 @@
+"""The sweep beyond one job at a time: one job per GPU in dependency order (--gpus), and submitit (--launcher local
+here: the real local executor and real processes; slurm takes the same path with afterok dependencies)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flare import sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = "--max_train_samples 16 --max_eval_samples 8 --max_steps 2 --batch_size 8 --num_evals 1"
+
+
+def test_parallel_runs_in_dependency_order_one_job_per_gpu(tmp_path):
+    mark = tmp_path / "a-finished"
+    code_a = ("import os, time; time.sleep(0.5); print('gpu', os.environ['CUDA_VISIBLE_DEVICES']); "
+              f"open({str(mark)!r}, 'w')")
+    code_b = f"import os; assert os.path.exists({str(mark)!r}), 'b started before a finished'"
+    jobs = [sweep.Job("a", ["-c", code_a], None),
+            sweep.Job("slow other", ["-c", "import time; time.sleep(0.5)"], None),
+            sweep.Job("b", ["-c", code_b], None, deps=("a",)),
+            sweep.Job("bad", ["-c", "raise SystemExit(3)"], None),
+            sweep.Job("after bad", ["-c", "pass"], None, deps=("bad",))]
+    done = tmp_path / "done.json"
+    done.write_text("{}")
+    jobs.append(sweep.Job("finished before", ["-c", "raise SystemExit(1)"], done))
+    ran, skipped, failed = sweep.run_parallel(jobs, ["0", "1"], tmp_path / "logs", poll_s=0.05)
+    assert sorted(ran) == ["a", "b", "slow other"] and skipped == ["finished before"]
+    assert sorted(failed) == ["after bad", "bad"]  # a job whose predecessor failed never starts
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
+    assert set(logs) == {"a.log", "slow_other.log", "b.log", "bad.log"}
+    assert "gpu 0" in logs["a.log"] or "gpu 1" in logs["a.log"]  # CUDA_VISIBLE_DEVICES = its GPU
+
+
+def test_usage_errors_of_the_launch_flags(capsys):
+    base = ["--task", "nusax", "--plm", "me5-small", "--langs", "jav", "--dry_run"]
+    assert sweep.main([*base, "--gpus", "0,1", "--in_process"]) == 2
+    assert "drop it" in capsys.readouterr().err
+    assert sweep.main([*base, "--gpus", "0", "--launcher", "local"]) == 2
+    assert "one of them" in capsys.readouterr().err
+    assert sweep.main([*base, "--gpus", ","]) == 2
+
+
+def grid(tiny_models, out: Path, *extra: str) -> list[str]:
+    return ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"), "--langs", "jav", "--modes", "zero-shot",
+            "lora", "flare", "--seeds", "5", "--mt", "reference", "--data_dir", str(REPO / "data"),
+            "--output_dir", str(out / "ck"), "--translations", str(out / "tr"), "--stage1_args", SMALL,
+            "--stage2_args", SMALL, *extra]
+
+
+def metrics(out: Path) -> dict:
+    return {p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k.startswith("test_")
+                            and k != "test_runtime"} for p in sorted((out / "ck").glob("*/results_*.json"))}
+
+
+@pytest.mark.slow
+def test_submitit_and_gpus_launchers_run_a_small_grid(tmp_path, tiny_models, caplog):
+    """submitit's local executor: translations and stage 1 first, then the three stage-2 runs, each a real process
+    with its own log; a re-run submits nothing; --gpus 0,1 (CUDA_VISIBLE_DEVICES, ignored on this CPU) computes the
+    same results; a failing stage 1 is reported with its log, and its stage-2 jobs are never submitted."""
+    assert sweep.main(grid(tiny_models, tmp_path / "sub", "--launcher", "local")) == 0
+    first = metrics(tmp_path / "sub")
+    assert len(first) == 4  # stage 1, zero-shot, LoRA, FLARE
+    logs = list((tmp_path / "sub" / "ck" / "logs").rglob("*_log.out"))
+    assert len(logs) == 2 + 1 + 3  # one per job: 2 translations, stage 1, 3 stage-2 runs
+    caplog.clear()
+    assert sweep.main(grid(tiny_models, tmp_path / "sub", "--launcher", "local")) == 0
+    assert "submitted" not in caplog.text or all("translate" in ln for ln in caplog.text.splitlines()
+                                                 if "submitted" in ln)  # only the self-skipping translations
+
+    assert sweep.main(grid(tiny_models, tmp_path / "gpus", "--gpus", "0,1")) == 0
+    assert metrics(tmp_path / "gpus") == first
+    assert len(list((tmp_path / "gpus" / "ck" / "logs").glob("*.log"))) == 6
+
+    caplog.clear()
+    bad = grid(tiny_models, tmp_path / "bad", "--launcher", "local")
+    bad[bad.index("--stage1_args") + 1] = SMALL + " --epochs 0"  # stage 1 fails in its own process
+    assert sweep.main(bad) == 1
+    assert "FAILED: stage 1 seed 5" in caplog.text and "_log.err" in caplog.text
+    assert "not submitted, stage 1 seed 5 failed: flare/add_relu jav seed 5" in caplog.text
