@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_beams", type=int, default=1, help="beam size (default greedy, as the original)")
     p.add_argument("--bf16", action="store_true", help="bf16 weights on a GPU")
     p.add_argument("--overwrite", action="store_true", help="redo files that already exist")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="translate only shard I of N (0-based; e.g. 0/4 ... 3/4 on four GPUs, one process each); "
+                        "then the same command without --shard merges: it writes the files from the shards' chunks, "
+                        "identical to one process's")
     p.add_argument("--no_fallback", action="store_true",
                    help="refuse languages NLLB lacks (bbc, mad, nij) instead of translating them as Indonesian")
     return p
@@ -46,11 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from flare.common_args import UsageError, fail, resolve_device
-    from flare.translate import TranslateJob, TranslationError, run_job
+    from flare.errors import FlareError
+    from flare.translate import TranslateJob, run_job
 
     if (args.path_train or args.path_test) and args.task != "tydiqa":
         return fail("--path_train/--path_test are for TyDiQA parquet inputs; use --data_dir for the other tasks")
     try:
+        shard = None
+        if args.shard is not None:
+            try:
+                i, n = (int(x) for x in args.shard.split("/"))
+            except ValueError:
+                i, n = -1, 0
+            if not 0 <= i < n:
+                raise UsageError(f"--shard {args.shard}: expected I/N with 0 <= I < N, e.g. --shard 0/4")
+            shard = (i, n)
         job = TranslateJob(
             task=args.task, source_lang=args.source_lang, target_lang=args.target_lang, model=args.model,
             output_dir=Path(args.output_dir), data_dir=args.data_dir,
@@ -59,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             device=resolve_device(args.device), bf16=args.bf16, overwrite=args.overwrite,
             no_fallback=args.no_fallback,
             parquet_inputs={s: p for s, p in (("train", args.path_train), ("test", args.path_test)) if p},
+            shard=shard,
         )
         run_job(job)
-    except (TranslationError, UsageError, ValueError, FileNotFoundError) as e:
+    except (FlareError, ValueError, FileNotFoundError) as e:
         return fail(str(e))
     return 0
 

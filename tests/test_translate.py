@@ -106,6 +106,42 @@ def test_resume_after_interruption_gives_identical_file(tmp_path, monkeypatch):
     assert not (killed / "nusax" / "translate-jav-fake" / ".partial").exists()
 
 
+@pytest.mark.parametrize("task,tgt", [("nusax", "jav"), ("xnli", "es")])
+def test_shards_then_merge_give_the_file_of_one_process(tmp_path, monkeypatch, task, tgt):
+    """run_translate.py --shard I/3 for each I (separate processes in real use, any order): no shard writes a file
+    while another's chunks are missing; the last one finds them all and writes the single-process file byte for
+    byte. The command without --shard is the merge: it translates only what no shard did."""
+    monkeypatch.setattr(tr, "CHUNK", 16)
+    name = f"{task}/translate-{tgt}-fake/test_en-{tgt}.parquet"
+    run_job(_job(tmp_path / "one", task=task, target_lang=tgt), lambda: FakeTranslator())
+    single = (tmp_path / "one" / name).read_bytes()
+
+    def shards(out, order):
+        counts = []
+        for i in order:
+            fake = FakeTranslator()
+            run_job(_job(out, task=task, target_lang=tgt, shard=(i, 3)), lambda fake=fake: fake)
+            counts.append(sum(len(c) for c in fake.calls))
+        return counts
+
+    out = tmp_path / "all-shards"
+    counts = shards(out, (2, 0))
+    assert not list(out.rglob("*.parquet")) and min(counts) > 0  # each did its part, none wrote a file
+    counts += shards(out, (1,))
+    assert (out / name).read_bytes() == single
+    merge = FakeTranslator()
+    meta = run_job(_job(out, task=task, target_lang=tgt), lambda: merge)
+    assert merge.calls == [] and sum(counts) == meta["splits"]["test"]["unique_strings"]  # nothing twice
+    assert not (out / task / f"translate-{tgt}-fake" / ".partial").exists()
+
+    out = tmp_path / "one-shard-missing"
+    counts = shards(out, (0, 1))
+    merge = FakeTranslator()
+    meta = run_job(_job(out, task=task, target_lang=tgt), lambda: merge)
+    assert sum(len(c) for c in merge.calls) + sum(counts) == meta["splits"]["test"]["unique_strings"]
+    assert (out / name).read_bytes() == single
+
+
 def test_finished_translation_is_skipped(tmp_path):
     run_job(_job(tmp_path), lambda: FakeTranslator())
     t0 = time.time()

@@ -165,14 +165,20 @@ def project_answer(translated: str) -> tuple[str, str, int]:
 
 # ---------------------------------------------------------------------------------------------- chunks and files
 def translate_unique(translator: NLLBTranslator, texts: list[str], src_code: str, tgt_code: str, partial: Path,
-                     stats: Stats, progress: Callable[[int], None] | None = None) -> dict[str, str]:
-    """Translate the unique strings of ``texts`` in resumable chunks; returns {source string: translation}."""
+                     stats: Stats, progress: Callable[[int], None] | None = None,
+                     shard: tuple[int, int] | None = None) -> dict[str, str] | None:
+    """Translate the unique strings of ``texts`` in resumable chunks; returns {source string: translation}.
+
+    ``shard=(i, n)`` translates only the chunks ``c`` with ``c % n == i`` (the chunks are a deterministic function of
+    the texts, so ``n`` processes split the work without talking to each other); it returns None while another
+    shard's chunk is still missing. A later run without a shard finds every chunk on disk and writes the file."""
     unique, _ = plan_batches(texts, translator.batch_size, translator.token_length)
     stats.strings += len(texts)
     stats.unique += len(unique)
     stats.empty += sum(1 for t in texts if not t.strip())
     result: dict[str, str] = {}
     partial.mkdir(parents=True, exist_ok=True)
+    complete = True
     for c, start in enumerate(range(0, len(unique), CHUNK)):
         chunk = unique[start:start + CHUNK]
         path = partial / f"chunk-{c:05d}.json"
@@ -182,12 +188,17 @@ def translate_unique(translator: NLLBTranslator, texts: list[str], src_code: str
                 result.update(zip(chunk, saved["translation"]))
                 stats.chunks_resumed += 1
                 continue
+        if shard is not None and c % shard[1] != shard[0]:
+            complete = False  # another shard's chunk
+            continue
         translated = translator.translate(chunk, src_code, tgt_code, stats)
         payload = json.dumps({"source": chunk, "translation": translated}, ensure_ascii=False)
         atomic_write(path, lambda p, payload=payload: p.write_text(payload, encoding="utf-8"))
         result.update(zip(chunk, translated))
         if progress:
             progress(len(chunk))
+    if not complete:
+        return None
     result.update({t: "" for t in texts if not t.strip()})
     return result
 
@@ -273,6 +284,7 @@ class TranslateJob:
     overwrite: bool = False
     no_fallback: bool = False
     parquet_inputs: dict = field(default_factory=dict)  # split -> parquet file (the original's TyDiQA inputs)
+    shard: tuple[int, int] | None = None  # (i, n): this process translates every n-th chunk, starting at i
 
     @property
     def model_name(self) -> str:
@@ -335,13 +347,23 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
             stats.strings = len(ds) * len(FIELDS[job.task])
         else:
             bar = tqdm(desc=f"{job.task} {split} {direction}", unit="str")
+            waiting: list[str] = []  # fields with chunks of other shards still missing
 
-            def translate(name, texts, _partial=partial, _stats=stats, _bar=bar):
-                mapping = translate_unique(translator, texts, src_code, tgt_code, _partial / name, _stats, _bar.update)
+            def translate(name, texts, _partial=partial, _stats=stats, _bar=bar, _waiting=waiting):
+                mapping = translate_unique(translator, texts, src_code, tgt_code, _partial / name, _stats, _bar.update,
+                                           shard=job.shard)
+                if mapping is None:
+                    _waiting.append(name)
+                    return [""] * len(texts)
                 return [mapping[t] for t in texts]
 
             df, counts = translate_split(job.task, ds, translate)
             bar.close()
+            if waiting:
+                logger.info("shard %d/%d of %s %s: its chunks are done; the other shards' are not all there yet. "
+                            "When every shard has finished, run the same command without --shard: it writes the "
+                            "file from the chunks", job.shard[0], job.shard[1], split, direction)
+                continue
         df["language"] = src
         write_parquet(df, targets[split])
         shutil.rmtree(partial, ignore_errors=True)
