@@ -165,7 +165,7 @@ def test_gradient_accumulation_computes_the_full_batch(tmp_path, no_dropout_mode
     from flare import stage1
 
     common = ["--task", "nusax", "--plm", str(no_dropout_model), "--data_dir", DATA, "--max_train_samples", "32",
-              "--max_eval_samples", "16", "--max_steps", "3", "--lr", "1e-3", "--seed", "3", "--num_evals", "1"]
+              "--max_eval_samples", "8", "--max_steps", "2", "--lr", "1e-3", "--seed", "3", "--num_evals", "1"]
     for name, flags in (("full", ["--batch_size", "8"]),
                         ("accum", ["--batch_size", "4", "--gradient_accumulation_steps", "2"])):
         assert stage1.main([*common, *flags, "--output_dir", str(tmp_path / name)]) == 0

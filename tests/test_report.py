@@ -95,3 +95,31 @@ def test_cost_table_and_study_budget(tmp_path):
     assert "| Zero-shot | 0 | – (no training) | – | 2.0 [2.0–2.0] |" in md
     assert "| Translate-train LoRA | 81.00 | 84.00 | 84.00 | 3 |" in md
     assert "| FLARE (add_relu) | 80.00 | 82.00 | 85.00 | 6 |" in md
+
+
+def test_readme_block_is_replaced_between_its_markers(tmp_path):
+    root = tmp_path / "res"
+    _run(root, "translate-train", "jav", 1, 0.7)
+    _run(root, "flare", "jav", 1, 0.75, fn="add_relu")
+    readme = tmp_path / "README.md"
+    begin, end = report.README_BEGIN.format(root=str(root)), report.README_END.format(root=str(root))
+    readme.write_text(f"# title\n\ntext before\n{begin}\nold table\n{end}\ntext after\n")
+    assert report.main([str(root), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title\n\ntext before\n") and text.endswith("text after\n")
+    assert "| FLARE (add_relu) | 75.00 | 75.00 |" in text and "nusax-m.png)" in text
+    assert report.main([str(root), "--readme", str(readme)]) == 0 and readme.read_text() == text  # idempotent
+    readme.write_text("no markers\n")
+    assert report.main([str(root), "--readme", str(readme)]) == 2 and readme.read_text() == "no markers\n"
+
+
+def test_readme_results_section_is_what_the_report_makes_of_the_committed_results():
+    """README "Results on the embedded model": regenerated from results/embedded-nusax, exactly."""
+    repo = Path(__file__).resolve().parents[1]
+    root = "results/embedded-nusax"
+    results = repo / root
+    tables, study = report.build_tables(report.load_results(results)), report.load_study(results)
+    block = report.readme_block(tables, study, root, Path(root) / "report")
+    text = (repo / "README.md").read_text()
+    begin, end = report.README_BEGIN.format(root=root), report.README_END.format(root=root)
+    assert text.split(begin, 1)[1].split(end, 1)[0] == "\n" + block
