@@ -51,11 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from flare.common_args import UsageError, fail, resolve_device
     from flare.errors import FlareError
-    from flare.translate import TranslateJob, run_job
+    from flare.languages import check_task_language, resolve
+    from flare.stages import check_output_dir
 
     if (args.path_train or args.path_test) and args.task != "tydiqa":
         return fail("--path_train/--path_test are for TyDiQA parquet inputs; use --data_dir for the other tasks")
-    try:
+    try:  # the flags first, before the MT code (torch, transformers) is imported
+        check_task_language(args.task, args.source_lang)
+        resolve(args.target_lang)
+        check_output_dir(args.output_dir)
+        for name in ("max_length", "batch_size", "num_beams", "max_samples"):
+            if getattr(args, name) is not None and getattr(args, name) <= 0:
+                raise UsageError(f"--{name} must be positive")
         shard = None
         if args.shard is not None:
             try:
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= i < n:
                 raise UsageError(f"--shard {args.shard}: expected I/N with 0 <= I < N, e.g. --shard 0/4")
             shard = (i, n)
+        from flare.translate import TranslateJob, run_job
+
         job = TranslateJob(
             task=args.task, source_lang=args.source_lang, target_lang=args.target_lang, model=args.model,
             output_dir=Path(args.output_dir), data_dir=args.data_dir,

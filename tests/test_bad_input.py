@@ -138,6 +138,29 @@ CASES = [
                                                          "--quantize", "4bit"], ["--stage1_merge none"]),
     ("stage2: no mode", lambda r: ["run.py", "--task", "nusax", "--plm", r["xlmr"], "--target_lang", "jav",
                                    "--load_ckpt", str(r["s1"]), *FAST], ["no mode selected"]),
+    ("stage2: target language = source language", lambda r: [*stage2_train(r)[:6], "en", *stage2_train(r)[7:]],
+     ["is the source language"]),
+    ("stage2: resume without a checkpoint", lambda r: [*stage2_train(r), "--resume_from_checkpoint", "last"],
+     ["no checkpoint to resume", "drop the flag"]),
+    ("stage2: resume from a missing folder", lambda r: [*stage2_train(r), "--resume_from_checkpoint",
+                                                        str(r["root"] / "ck" / "checkpoint-99")],
+     ["not a checkpoint folder"]),
+    ("stage1: max_length too small for the prompt", lambda r: ["run_task_ft.py", "--task", "nusax", "--plm",
+                                                               r["llama"], *FAST, "--max_length", "12"],
+     ["--max_length 12 is too small", "template"]),
+    ("stage1: zero max_length", lambda r: ["run_task_ft.py", "--task", "nusax", "--plm", r["xlmr"], *FAST,
+                                           "--max_length", "0"], ["--max_length must be positive"]),
+    ("stage2: negative batch size", lambda r: [*stage2_train(r), "--batch_size", "-4"],
+     ["--batch_size must be positive"]),
+    ("stage2: zero LoRA rank", lambda r: [*stage2_train(r), "--lora_r", "0"], ["--lora_r must be positive"]),
+    ("translate: zero batch size", lambda r: ["run_translate.py", "--task", "nusax", "--source_lang", "en",
+                                              "--target_lang", "jav", "--model", "reference", "--batch_size", "0",
+                                              "--output_dir", str(r["root"] / "tr-new"), "--data_dir", DATA],
+     ["--batch_size must be positive"]),
+    ("translate: bad shard", lambda r: ["run_translate.py", "--task", "nusax", "--source_lang", "en",
+                                        "--target_lang", "jav", "--model", "reference", "--shard", "3/3",
+                                        "--output_dir", str(r["root"] / "tr-new"), "--data_dir", DATA],
+     ["--shard 3/3", "0 <= I < N"]),
     # run_translate.py
     ("translate: unknown MT model", lambda r: ["run_translate.py", "--task", "nusax", "--source_lang", "en",
                                                "--target_lang", "jav", "--model", "no-such-mt",
@@ -151,15 +174,29 @@ CASES = [
     ("sweep: unknown model", lambda r: ["-m", "flare.sweep", "--task", "nusax", "--plm", "no-such-model", "--langs",
                                         "jav", "--output_dir", str(r["root"] / "sweep-out"), "--dry_run"],
      ["unknown --plm"]),
+    ("sweep: GPUs on a machine without any", lambda r: ["-m", "flare.sweep", "--task", "nusax", "--plm", r["xlmr"],
+                                                        "--langs", "jav", "--output_dir", str(r["root"] / "sweep-out"),
+                                                        "--gpus", "0,1"], ["no CUDA GPU", "drop --gpus"]),
+    ("sweep: Slurm flags without the launcher", lambda r: ["-m", "flare.sweep", "--task", "nusax", "--plm", r["xlmr"],
+                                                           "--langs", "jav", "--partition", "gpu",
+                                                           "--output_dir", str(r["root"] / "sweep-out")],
+     ["add --launcher slurm"]),
+    ("sweep: Slurm without submitit installed",
+     lambda r: ["-c", "import sys; sys.modules['submitit'] = None; from flare import sweep; sys.exit(sweep.main("
+                f"['--task', 'nusax', '--plm', {r['xlmr']!r}, '--langs', 'jav', '--launcher', 'slurm', "
+                f"'--output_dir', {str(r['root'] / 'sweep-out')!r}]))"], ["pip install submitit"]),
     ("sweep: unknown language", lambda r: ["-m", "flare.sweep", "--task", "nusax", "--plm", r["xlmr"], "--langs",
                                            "klingon", "--output_dir", str(r["root"] / "sweep-out"), "--dry_run"],
      ["klingon"]),
 ]
 
 
-def run_case(argv: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, *(argv if argv[0] == "-m" else [str(REPO / argv[0]), *argv[1:]])]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+def run_case(argv: list[str], out: Path) -> subprocess.CompletedProcess:
+    if argv[0] in ("run.py", "run_task_ft.py") and "--output_dir" not in argv:
+        argv = [*argv, "--output_dir", str(out)]  # where a run would go if a check failed to stop it
+    cmd = [sys.executable, *(argv if argv[0] in ("-m", "-c") else [str(REPO / argv[0]), *argv[1:]])]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")  # no GPU, wherever the tests run
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
@@ -167,12 +204,11 @@ def snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-@pytest.mark.slow
 def test_every_bad_input_is_one_clear_error_and_writes_nothing(ready):
     assert len({c[0] for c in CASES}) == len(CASES) >= 25
     before = snapshot(ready["root"])
     with ThreadPoolExecutor(max_workers=2) as pool:  # the processes mostly import; two at a time on 2 cores
-        procs = list(pool.map(lambda case: run_case(case[1](ready)), CASES))
+        procs = list(pool.map(lambda case: run_case(case[1](ready), ready["root"] / "out"), CASES))
     problems = []
     for (name, _, words), proc in zip(CASES, procs):
         err = proc.stderr

@@ -35,13 +35,20 @@ def test_parallel_runs_in_dependency_order_one_job_per_gpu(tmp_path):
     assert "gpu 0" in logs["a.log"] or "gpu 1" in logs["a.log"]  # CUDA_VISIBLE_DEVICES = its GPU
 
 
-def test_usage_errors_of_the_launch_flags(capsys):
+def test_usage_errors_of_the_launch_flags(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     base = ["--task", "nusax", "--plm", "me5-small", "--langs", "jav", "--dry_run"]
     assert sweep.main([*base, "--gpus", "0,1", "--in_process"]) == 2
     assert "drop it" in capsys.readouterr().err
     assert sweep.main([*base, "--gpus", "0", "--launcher", "local"]) == 2
     assert "one of them" in capsys.readouterr().err
     assert sweep.main([*base, "--gpus", ","]) == 2
+    assert sweep.main([*base, "--gpus", "0"]) == 2  # this machine has no GPU
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert sweep.main([*base, "--partition", "gpu"]) == 2
+    assert "add --launcher slurm" in capsys.readouterr().err
 
 
 def grid(tiny_models, out: Path, *extra: str) -> list[str]:
@@ -71,7 +78,12 @@ def test_submitit_and_gpus_launchers_run_a_small_grid(tmp_path, tiny_models, cap
     assert "submitted" not in caplog.text or all("translate" in ln for ln in caplog.text.splitlines()
                                                  if "submitted" in ln)  # only the self-skipping translations
 
-    assert sweep.main(grid(tiny_models, tmp_path / "gpus", "--gpus", "0,1")) == 0
+    import torch
+
+    with pytest.MonkeyPatch.context() as mp:  # two "GPUs" for the flag check; the jobs run on this CPU
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        mp.setattr(torch.cuda, "device_count", lambda: 2)
+        assert sweep.main(grid(tiny_models, tmp_path / "gpus", "--gpus", "0,1")) == 0
     assert metrics(tmp_path / "gpus") == first
     assert len(list((tmp_path / "gpus" / "ck" / "logs").glob("*.log"))) == 6
 

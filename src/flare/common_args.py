@@ -8,8 +8,6 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-
 from flare.config import MODEL_SPECS, TASKS
 from flare.errors import FlareError, UsageError  # noqa: F401 (re-exported)
 
@@ -86,6 +84,8 @@ def check_eval_mode(eval_mode: str, family: str, task: str) -> None:
 def resolve_device(device: str) -> str:
     """cpu, cuda, or under ``torchrun`` / ``accelerate launch`` (``LOCAL_RANK`` set) ``cuda:LOCAL_RANK``: each rank
     places its model (quantised or not) and the FLARE MT encoder on its own GPU, never all on GPU 0."""
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
@@ -119,6 +119,8 @@ def cpu_has_bf16() -> bool:
 def check_bf16(bf16: bool, device: str) -> None:
     if not bf16:
         return
+    import torch
+
     if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise UsageError("--bf16: this GPU does not support bf16; drop --bf16")
     if device == "cpu" and not cpu_has_bf16():

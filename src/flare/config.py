@@ -11,6 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+FUSION_FNS = ("add", "add_relu", "mul", "cross-attention", "matmul", "matmul_relu")
+MIXING_FNS = ("cross-attention", "matmul", "matmul_relu")  # functions that mix target positions: causal in decoders
+# fusion functions a decoder may use: each passes the leak test and the teacher-forced = prefill + decode test
+# (tests/test_fusion.py::test_decoder_fusion_is_causal, ::test_generation_uses_the_training_alignment)
+DECODER_FUSION_FNS = FUSION_FNS
+
 DECODER_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

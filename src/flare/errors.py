@@ -12,3 +12,7 @@ class FlareError(Exception):
 
 class UsageError(FlareError, ValueError):
     """Bad command-line input, caught before any model is loaded; the message names the fix."""
+
+
+class CheckpointError(FlareError, RuntimeError):
+    """A checkpoint is missing, incomplete, or belongs to another task or model."""

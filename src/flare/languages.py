@@ -103,3 +103,20 @@ def nllb_code(lang: str, allow_fallback: bool = True) -> tuple[str, bool]:
             f"({NLLB_FALLBACK}). Drop --no_fallback to accept that fallback, or use --model reference."
         )
     return NLLB_FALLBACK, True
+
+
+def check_task(task: str) -> str:
+    from flare.config import TASKS
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    return task
+
+
+def check_task_language(task: str, lang: str) -> str:
+    """Return the canonical code of ``lang`` if ``task`` has data for it, else raise listing the valid ones."""
+    language = resolve(lang)
+    valid = task_languages(check_task(task))
+    if language.code not in valid:
+        raise ValueError(f"task {task!r} has no language {lang!r}; valid: {', '.join(valid)}")
+    return language.code

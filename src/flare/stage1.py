@@ -22,7 +22,7 @@ from flare.common_args import (
     resolve_device,
 )
 from flare.config import TASKS, ModelSpec, model_name, resolve_model
-from flare.data import check_task_language, load_task
+from flare.languages import check_task_language
 from flare.stages import (
     RunConfig,
     TrainingOptions,
@@ -30,6 +30,7 @@ from flare.stages import (
     check_checkpoint_matches,
     check_output_dir,
     check_positive,
+    check_resume,
     default_optim,
     setup_tracking,
     stage_main,
@@ -78,7 +79,7 @@ def resolve_config(args: argparse.Namespace) -> Stage1Config:
     check_positive(args)
     load_ckpt = None
     if args.load_ckpt:
-        from flare.models.loading import read_run_config
+        from flare.files import read_run_config
 
         load_ckpt = Path(args.load_ckpt)
         if not load_ckpt.is_dir():
@@ -88,6 +89,7 @@ def resolve_config(args: argparse.Namespace) -> Stage1Config:
     check_output_dir(args.output_dir)
     plm_name = model_name(args.plm)
     run_name = f"{args.task}-{lang}-{plm_name}-{args.seed}"
+    check_resume(args.resume_from_checkpoint, Path(args.output_dir) / run_name)
     return Stage1Config(
         task=args.task, lang=lang, spec=spec, plm=args.plm, plm_name=plm_name, seed=args.seed, device=device,
         quantize=quantize, max_length=args.max_length or TASKS[args.task].max_length,
@@ -121,6 +123,7 @@ def train_features(task: str, spec: ModelSpec, tokenizer, examples, max_length: 
 def run(cfg: Stage1Config) -> dict:
     from transformers import set_seed
 
+    from flare.data import load_task
     from flare.data.features import PadCollator
     from flare.evaluation import Evaluator
     from flare.models.loading import (
@@ -147,6 +150,10 @@ def run(cfg: Stage1Config) -> dict:
         raise UsageError(str(e)) from e
 
     tokenizer = load_tokenizer(cfg.spec)
+    if cfg.spec.family == "decoder":  # before the model loads
+        from flare.data.features import check_prompt_fits
+
+        check_prompt_fits(cfg.task, tokenizer, cfg.max_length)
     model = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=o.bf16,
                        gradient_checkpointing=o.gradient_checkpointing)
     if cfg.load_ckpt:

@@ -42,10 +42,9 @@ from flare.common_args import (
     is_main_process,
     resolve_device,
 )
-from flare.config import TASKS, ModelSpec, model_name, resolve_model
-from flare.data import check_task_language
+from flare.config import DECODER_FUSION_FNS, FUSION_FNS, TASKS, ModelSpec, model_name, resolve_model
 from flare.errors import FlareError
-from flare.models.fusion import DECODER_FUSION_FNS, FUSION_FNS
+from flare.languages import check_task_language
 from flare.stages import (
     POSITIVE,
     RunConfig,
@@ -54,6 +53,7 @@ from flare.stages import (
     check_checkpoint_matches,
     check_output_dir,
     check_positive,
+    check_resume,
     default_optim,
     setup_tracking,
     stage_main,
@@ -196,7 +196,8 @@ def run_name(args: argparse.Namespace, src: str, tgt: str, plm_name: str) -> str
 
 def resolve_config(args: argparse.Namespace) -> Stage2Config:
     """Validate every flag and input path before any model is loaded; raises :class:`UsageError`."""
-    from flare.models.loading import CheckpointError, read_run_config
+    from flare.errors import CheckpointError
+    from flare.files import read_run_config
 
     mode = resolve_mode(args)
     spec = resolve_model(args.plm)
@@ -219,6 +220,10 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
                              fix="; pass the stage-1 run of this task and model")
     check_adapter_file(load_ckpt)
     check_output_dir(args.output_dir)
+    if src == tgt and mode != "zero-shot":
+        raise UsageError(f"--target_lang {args.target_lang} is the source language: {mode} would pair {src} with "
+                         "itself; pick another target language (zero-shot on the source language is the one check of "
+                         "stage 1 that makes sense)")
     if args.eval_zs and not args.eval_only:
         logger.info("--eval_zs evaluates only (the original went on to train the task adapter without --eval_only)")
     trains = mode not in ("zero-shot", "translate-test")
@@ -273,6 +278,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         max_length *= 2
     name = run_name(args, src, tgt, model_name(args.plm))
     adapter_name = ADAPTER_NAMES.get(mode) or (f"flare-{args.fusion_fn}" if mode == "flare" else None)
+    check_resume(args.resume_from_checkpoint, Path(args.output_dir) / name)
     return Stage2Config(
         task=args.task, mode=mode, source_lang=src, target_lang=tgt, spec=spec, plm=args.plm,
         plm_name=model_name(args.plm), seed=args.seed, device=device, quantize=quantize, max_length=max_length,
@@ -451,6 +457,10 @@ def run(cfg: Stage2Config) -> dict:
     set_seed(cfg.seed)
     data = load_data(cfg)  # every file checked before a model is loaded
     tokenizer = load_tokenizer(cfg.spec)
+    if cfg.spec.family == "decoder":  # before the model loads
+        from flare.data.features import check_prompt_fits
+
+        check_prompt_fits(cfg.task, tokenizer, cfg.max_length)
     mt = MTEncoder(cfg.mt_spec.hub_id, cfg.device) if cfg.mode == "flare-mt" else None
     pad_values = {"mt_input_ids": mt.tokenizer.pad_token_id} if mt is not None else None
 

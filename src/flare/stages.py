@@ -23,7 +23,9 @@ from flare.files import write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger("flare.stages")
 
-POSITIVE = ("lora_r", "lora_alpha", "batch_size", "epochs", "num_evals")
+POSITIVE = ("lora_r", "lora_alpha", "batch_size", "epochs", "num_evals", "gradient_accumulation_steps",
+            "generate_max_tokens", "doc_stride", "max_answer_length", "save_total_limit")
+POSITIVE_IF_GIVEN = ("max_length", "max_steps", "max_train_samples", "max_eval_samples")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,23 @@ class RunConfig:
 def check_positive(args: argparse.Namespace, names: tuple[str, ...] = POSITIVE) -> None:
     for name in names:
         if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive")
+            raise UsageError(f"--{name} must be positive (got {getattr(args, name)})")
+    for name in POSITIVE_IF_GIVEN:
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive (got {getattr(args, name)}); leave it out for the default")
+
+
+def check_resume(resume: str | None, run_dir: Path) -> None:
+    """``--resume_from_checkpoint``: 'last' needs a checkpoint in the run directory, a path must be a checkpoint."""
+    if resume is None:
+        return
+    if resume == "last":
+        if not any(run_dir.glob("checkpoint-*/trainer_state.json")):
+            raise UsageError(f"--resume_from_checkpoint last: {run_dir} has no checkpoint to resume; drop the flag to "
+                             "start the run from the beginning")
+    elif not (Path(resume) / "trainer_state.json").is_file():
+        raise UsageError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no trainer_state.json); pass "
+                         f"one of {run_dir}/checkpoint-*, or 'last'")
 
 
 def check_output_dir(output_dir: str | Path) -> None:
@@ -123,7 +141,8 @@ def check_adapter_file(load_ckpt: Path) -> None:
     here, before any model is loaded, rather than deep inside peft."""
     from safetensors import safe_open
 
-    from flare.models.loading import ADAPTER_FILE, CheckpointError
+    from flare.errors import CheckpointError
+    from flare.files import ADAPTER_FILE
 
     path = load_ckpt / ADAPTER_FILE
     if not path.is_file():

@@ -105,8 +105,30 @@ def check_args(args: argparse.Namespace) -> None:
                          "--launcher")
     if args.gpus and args.launcher:
         raise UsageError("--gpus runs the jobs on this node, --launcher submits them; pass one of them")
-    if args.gpus is not None and not [g for g in args.gpus.split(",") if g.strip()]:
-        raise UsageError(f"--gpus {args.gpus!r}: give GPU ids, e.g. --gpus 0,1,2,3")
+    if args.gpus is not None:
+        ids = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        if not ids or not all(g.isdigit() for g in ids):
+            raise UsageError(f"--gpus {args.gpus!r}: give GPU ids, e.g. --gpus 0,1,2,3")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--gpus {args.gpus}: no CUDA GPU is visible here; drop --gpus to run the jobs one after "
+                             "another, or run the sweep on a GPU node")
+        if max(map(int, ids)) >= torch.cuda.device_count():
+            raise UsageError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) are visible (ids 0.."
+                             f"{torch.cuda.device_count() - 1})")
+    slurm_flags = [f"--{n}" for n in ("partition", "account") if getattr(args, n)]
+    if slurm_flags and args.launcher != "slurm":
+        raise UsageError(f"{' '.join(slurm_flags)} are Slurm flags; add --launcher slurm")
+    if args.launcher:
+        try:
+            import submitit  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"--launcher {args.launcher} needs submitit: pip install submitit==1.5.4 (it is in "
+                             "requirements.txt)") from e
+    if args.source_lang in args.langs and set(args.modes) != {"zero-shot"}:
+        raise UsageError(f"--langs includes the source language {args.source_lang}; only zero-shot makes sense for it "
+                         "(run it with --modes zero-shot), drop it from --langs")
     from flare.config import resolve_model
     from flare.data import check_task_language
     from flare.stages import check_output_dir

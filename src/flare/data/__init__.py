@@ -12,27 +12,12 @@ import datasets
 
 from flare.data import nusax, tydiqa, xnli
 from flare.data.common import SPLITS, DataFormatError, check_split
-from flare.languages import resolve, task_languages
+from flare.languages import check_task, check_task_language, resolve, task_languages  # noqa: F401
 
 TASKS = {"xnli": xnli, "nusax": nusax, "tydiqa": tydiqa}
 LABELS = {"xnli": xnli.LABELS, "nusax": nusax.LABELS}
 
 __all__ = ["LABELS", "SPLITS", "TASKS", "DataFormatError", "check_task_language", "load_task"]
-
-
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    return task
-
-
-def check_task_language(task: str, lang: str) -> str:
-    """Return the canonical code of ``lang`` if ``task`` has data for it, else raise listing the valid ones."""
-    language = resolve(lang)
-    valid = task_languages(check_task(task))
-    if language.code not in valid:
-        raise ValueError(f"task {task!r} has no language {lang!r}; valid: {', '.join(valid)}")
-    return language.code
 
 
 def load_task(task: str, lang: str, split: str, data_dir: str | Path | None = None) -> datasets.Dataset:

@@ -59,6 +59,26 @@ def fit_prompt(task: str, example: dict, tokenizer, budget: int,
     return ids, truncated
 
 
+MIN_CONTENT_TOKENS = 16  # room a decoder prompt must leave for the example's own text
+
+
+def check_prompt_fits(task: str, tokenizer, max_length: int) -> None:
+    """A decoder's prompt template, the longest label (or an answer) and EOS must leave room for the text; otherwise
+    every prompt would be cut into its template ("Label: " lost) and nothing learnt."""
+    from flare.errors import UsageError
+
+    info = TASKS[task]
+    empty = {f: "" for f in info.text_fields}
+    template = len(_ids(tokenizer, decoder_prompt(task, empty)))
+    answers = info.labels if info.kind == "cls" else ("an answer of a few words",)
+    answer = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 1
+    need = template + answer + MIN_CONTENT_TOKENS
+    if max_length < need:
+        raise UsageError(f"--max_length {max_length} is too small for the {task} prompt: its template takes "
+                         f"{template} tokens and the answer {answer}; use --max_length {need} or more (default "
+                         f"{info.max_length})")
+
+
 def answer_text(task: str, example: dict) -> str:
     info = TASKS[task]
     if info.kind == "cls":

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flare.config import DECODER_FUSION_FNS, FUSION_FNS, MIXING_FNS  # noqa: F401 (re-exported)
 from flare.errors import FlareError
 from flare.models.stack import stage1_only
 
@@ -67,11 +68,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FUSION_FNS = ("add", "add_relu", "mul", "cross-attention", "matmul", "matmul_relu")
-MIXING_FNS = ("cross-attention", "matmul", "matmul_relu")  # functions that mix target positions: causal in decoders
-# fusion functions a decoder may use: each passes the leak test and the teacher-forced = prefill + decode test
-# (tests/test_fusion.py::test_decoder_fusion_is_causal, ::test_generation_uses_the_training_alignment)
-DECODER_FUSION_FNS = FUSION_FNS
 FUSION_FILE = "fusion_model.safetensors"
 
 

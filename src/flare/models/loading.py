@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -13,17 +12,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from flare.config import TASKS, ModelSpec, model_files
-from flare.errors import FlareError
+from flare.errors import CheckpointError  # noqa: F401 (re-exported)
+from flare.files import ADAPTER_FILE, read_run_config  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 # reserved tokens that serve as pad without resizing the embeddings (Llama 3.x ships several)
 _RESERVED_PAD = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>")
-ADAPTER_FILE = "adapter_model.safetensors"
-
-
-class CheckpointError(FlareError, RuntimeError):
-    """A checkpoint is missing, incomplete, or belongs to another task or model."""
 
 
 def task_kind(spec: ModelSpec, task: str) -> str:
@@ -155,15 +150,7 @@ def load_checked(base_model, ckpt_dir: str | Path, *, is_trainable: bool, adapte
     return model
 
 
-def read_run_config(ckpt_dir: str | Path) -> dict:
-    path = Path(ckpt_dir) / "run_config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir}: no run_config.json; --load_ckpt must be a run directory of run_task_ft.py")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): the file was cut or edited; re-run run_task_ft.py "
-                              "for this run") from e
+
 
 
 class MTEncoder:
