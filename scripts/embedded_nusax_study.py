@@ -106,10 +106,14 @@ def run_selection(args) -> bool:
     return ok
 
 
+RESULT_MODE = {"lora": "translate-train"}  # the sweep's mode name -> the one run.py records
+
+
 def result_of(root: Path, mode: str, fn: str | None, lang: str, seed: int) -> dict | None:
+    recorded = RESULT_MODE.get(mode, mode)
     for path in sorted(root.glob(f"nusax-en-{lang}-*-{seed}-*/results_test.json")):
         res = json.loads(path.read_text())
-        if res.get("mode") == mode and res.get("fusion_fn") == fn and res.get("seed") == seed:
+        if res.get("mode") == recorded and res.get("fusion_fn") == fn and res.get("seed") == seed:
             return res
     return None
 

@@ -68,8 +68,6 @@ def resolve_config(args: argparse.Namespace) -> Stage1Config:
     if args.adapter != "lora":
         raise UsageError(f"--adapter {args.adapter!r} is not supported; the only adapter is 'lora'")
     check_eval_mode(args.eval_mode, spec.family, args.task)
-    device = resolve_device(args.device)
-    check_bf16(args.bf16, device)
     quantize = args.quantize or spec.quantize
     if quantize != "none" and spec.family == "encoder":
         kind = TASKS[args.task].kind
@@ -90,6 +88,8 @@ def resolve_config(args: argparse.Namespace) -> Stage1Config:
     plm_name = model_name(args.plm)
     run_name = f"{args.task}-{lang}-{plm_name}-{args.seed}"
     check_resume(args.resume_from_checkpoint, Path(args.output_dir) / run_name)
+    device = resolve_device(args.device)  # last: it imports torch
+    check_bf16(args.bf16, device)
     return Stage1Config(
         task=args.task, lang=lang, spec=spec, plm=args.plm, plm_name=plm_name, seed=args.seed, device=device,
         quantize=quantize, max_length=args.max_length or TASKS[args.task].max_length,

@@ -263,8 +263,6 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         raise UsageError("--cache_source_states caches FLARE's source pass; it needs --fusion_fn (FLARE or FLARE MT)")
     check_positive(args, (*POSITIVE, "cache_source_mb"))
     check_eval_mode(args.eval_mode, spec.family, args.task)
-    device = resolve_device(args.device)
-    check_bf16(args.bf16, device)
     quantize = args.quantize or saved.get("quantize") or spec.quantize
     if trains and args.stage1_merge == "exact" and quantize != "none":
         raise UsageError(f"--stage1_merge exact: the base is quantised ({quantize}), and merging into quantised "
@@ -279,6 +277,8 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
     name = run_name(args, src, tgt, model_name(args.plm))
     adapter_name = ADAPTER_NAMES.get(mode) or (f"flare-{args.fusion_fn}" if mode == "flare" else None)
     check_resume(args.resume_from_checkpoint, Path(args.output_dir) / name)
+    device = resolve_device(args.device)  # last: it imports torch
+    check_bf16(args.bf16, device)
     return Stage2Config(
         task=args.task, mode=mode, source_lang=src, target_lang=tgt, spec=spec, plm=args.plm,
         plm_name=model_name(args.plm), seed=args.seed, device=device, quantize=quantize, max_length=max_length,
@@ -443,6 +443,7 @@ def _features(cfg: Stage2Config, ds, tokenizer, mt, train: bool):
 
 
 def run(cfg: Stage2Config) -> dict:
+    data = load_data(cfg)  # every file checked first: before the model code is even imported (it takes seconds)
     from transformers import set_seed
 
     from flare.data.features import PadCollator
@@ -454,8 +455,7 @@ def run(cfg: Stage2Config) -> dict:
 
     o, info = cfg.opts, TASKS[cfg.task]
     setup_tracking(o)
-    set_seed(cfg.seed)
-    data = load_data(cfg)  # every file checked before a model is loaded
+    set_seed(cfg.seed)  # loading the data draws no random numbers
     tokenizer = load_tokenizer(cfg.spec)
     if cfg.spec.family == "decoder":  # before the model loads
         from flare.data.features import check_prompt_fits
