@@ -92,4 +92,4 @@ def test_submitit_and_gpus_launchers_run_a_small_grid(tmp_path, tiny_models, cap
     bad[bad.index("--stage1_args") + 1] = SMALL + " --epochs 0"  # stage 1 fails in its own process
     assert sweep.main(bad) == 1
     assert "FAILED: stage 1 seed 5" in caplog.text and "_log.err" in caplog.text
-    assert "not submitted, stage 1 seed 5 failed: flare/add_relu jav seed 5" in caplog.text
+    assert "not started, stage 1 seed 5 failed: flare/add_relu jav seed 5" in caplog.text

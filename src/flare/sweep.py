@@ -217,6 +217,19 @@ def blocked_by(job: Job, failed: list[str]) -> str | None:
     return next((d for d in job.deps if d in failed), None)
 
 
+def settle(job: Job, skipped: list[str], failed: list[str]) -> bool:
+    """True if ``job`` needs no run: finished before (-> skipped) or a predecessor failed (-> failed)."""
+    if job.done_file is not None and job.done_file.is_file():
+        logger.info("skip (finished): %s", job.name)
+        skipped.append(job.name)
+        return True
+    if (dep := blocked_by(job, failed)) is not None:
+        logger.error("not started, %s failed: %s", dep, job.name)
+        failed.append(job.name)
+        return True
+    return False
+
+
 def run_jobs(jobs: list[Job], dry_run: bool = False, python: str = sys.executable,
              in_process: bool = False) -> tuple[list, list, list]:
     """One job at a time, in plan order (which is a dependency order). (ran, skipped, failed) job names; a failure
@@ -262,13 +275,7 @@ def run_parallel(jobs: list[Job], gpus: list[str], log_dir: Path, python: str = 
     finished = lambda name: name in ran or name in skipped  # noqa: E731
     while pending or running:
         for job in list(pending):
-            if job.done_file is not None and job.done_file.is_file():
-                logger.info("skip (finished): %s", job.name)
-                skipped.append(job.name)
-                pending.remove(job)
-            elif (dep := blocked_by(job, failed)) is not None:
-                logger.error("not started, %s failed: %s", dep, job.name)
-                failed.append(job.name)
+            if settle(job, skipped, failed):
                 pending.remove(job)
             elif free and all(finished(d) for d in job.deps):
                 gpu = free.pop(0)
@@ -341,12 +348,7 @@ def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
     while pending:
         wave = []
         for job in list(pending):
-            if job.done_file is not None and job.done_file.is_file():
-                skipped.append(job.name)
-                pending.remove(job)
-            elif (dep := blocked_by(job, failed)) is not None:
-                logger.error("not submitted, %s failed: %s", dep, job.name)
-                failed.append(job.name)
+            if settle(job, skipped, failed):
                 pending.remove(job)
             elif args.launcher == "slurm" or all(d in ran or d in skipped for d in job.deps):
                 wave.append(job)
