@@ -126,6 +126,19 @@ def compare(one: Path, two: Path, prefix: str = "test") -> dict:
     return r2
 
 
+def test_two_processes_train_stage1_as_one_does(tmp_path, no_dropout_model):
+    """torchrun, 2 gloo processes x batch 4, against one process x batch 8 (in this process): the same run."""
+    from flare import stage1
+
+    common = ["--task", "nusax", "--plm", str(no_dropout_model), "--data_dir", DATA, "--max_train_samples", "16",
+              "--max_eval_samples", "8", "--max_steps", "2", "--lr", "1e-3", "--seed", "3", "--num_evals", "1"]
+    assert stage1.main([*common, "--batch_size", "8", "--output_dir", str(tmp_path / "one")]) == 0
+    launch("run_task_ft.py", [*common, "--batch_size", "4", "--output_dir", str(tmp_path / "two")], 2)
+    name = "nusax-en-xlm-roberta-3"
+    compare(tmp_path / "one" / name, tmp_path / "two" / name)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [name]  # one run directory
+
+
 @pytest.mark.slow
 def test_two_processes_compute_what_one_computes(tmp_path, no_dropout_model):
     """Stage 1, then FLARE with cross-attention (a fusion module outside peft, kept in sync by DDP), each run once

@@ -35,6 +35,24 @@ def test_parallel_runs_in_dependency_order_one_job_per_gpu(tmp_path):
     assert "gpu 0" in logs["a.log"] or "gpu 1" in logs["a.log"]  # CUDA_VISIBLE_DEVICES = its GPU
 
 
+def test_submitit_local_runs_jobs_after_their_predecessors_and_reports_failures(tmp_path, caplog):
+    """The real submitit local executor with real processes: wave by wave in dependency order, one log per job, a
+    failure reported with its log path, its dependents never submitted."""
+    import argparse
+
+    mark = tmp_path / "a-finished"
+    jobs = [sweep.Job("a", ["-c", f"open({str(mark)!r}, 'w'); print('a ran')"], None),
+            sweep.Job("b", ["-c", f"import os; assert os.path.exists({str(mark)!r})"], None, deps=("a",)),
+            sweep.Job("bad", ["-c", "raise SystemExit(3)"], None),
+            sweep.Job("after bad", ["-c", "pass"], None, deps=("bad",))]
+    args = argparse.Namespace(launcher="local", time_min=5, cpus_per_job=1, mem_gb=1, gpus_per_job=0,
+                              partition=None, account=None)
+    ran, skipped, failed = sweep.run_submitit(jobs, args, tmp_path / "logs")
+    assert ran == ["a", "b"] and skipped == [] and sorted(failed) == ["after bad", "bad"]
+    assert "FAILED: bad" in caplog.text and "_log.err" in caplog.text
+    assert any("a ran" in p.read_text() for p in (tmp_path / "logs").rglob("*_log.out"))
+
+
 def test_usage_errors_of_the_launch_flags(capsys, monkeypatch):
     import torch
 
