@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -163,26 +164,55 @@ def test_sweep_skips_finished_runs_and_continues_after_failures(tmp_path):
     assert "stage 1 seed 1" in names and "flare/add_relu sun seed 1" in names and len(jobs) == 4 + 1 + 4
     flare_jav = next(j for j in jobs if j.name == "flare/add_relu jav seed 1")
     expected = "nusax-en-jav-me5-small-1-lora-8_add_relu-translate-jav-reference-ttrain"
-    assert flare_jav.done_file.parent.name == expected
+    (done,) = flare_jav.done_files
+    assert done.parent.name == expected
     # finished runs are skipped; a failing job does not stop the others
-    flare_jav.done_file.parent.mkdir(parents=True)
-    flare_jav.done_file.write_text("{}")
-    fake = [sweep.Job("ok", ["-c", "pass"], None), sweep.Job("bad", ["-c", "raise SystemExit(3)"], None),
-            flare_jav, sweep.Job("ok2", ["-c", "pass"], None)]
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    fake = [sweep.Job("ok", ["-c", "pass"], ()), sweep.Job("bad", ["-c", "raise SystemExit(3)"], ()),
+            flare_jav, sweep.Job("ok2", ["-c", "pass"], ())]
     ran, skipped, failed = sweep.run_jobs(fake)
     assert skipped == ["flare/add_relu jav seed 1"] and failed == ["bad"] and ran == ["ok", "ok2"]
 
 
+def test_sweep_skips_a_translation_job_once_all_its_files_exist(tmp_path):
+    """A translation job is finished when every file run_translate.py would write exists (all splits forward, the
+    test split backward), so a re-run starts no process for it; --overwrite in --translate_args always runs it."""
+    argv = ["--task", "nusax", "--plm", "me5-small", "--langs", "jav", "--modes", "lora", "--seeds", "1",
+            "--mt", "reference", "--output_dir", str(tmp_path / "ck"), "--translations", str(tmp_path / "tr")]
+    forward, backward = sweep.plan(sweep.build_parser().parse_args(argv))[:2]
+    folder = tmp_path / "tr" / "nusax"
+    assert [p.relative_to(folder).as_posix() for p in (*forward.done_files, *backward.done_files)] == [
+        "translate-jav-reference/train_en-jav.parquet", "translate-jav-reference/val_en-jav.parquet",
+        "translate-jav-reference/test_en-jav.parquet", "translate-en-reference/test_jav-en.parquet"]
+    assert "--splits" not in forward.argv and backward.argv[backward.argv.index("--splits") + 1] == "test"
+    from flare.translate import TranslateJob, run_job
+
+    job = TranslateJob("nusax", "en", "jav", "reference", output_dir=tmp_path / "tr", data_dir=str(REPO / "data"),
+                       splits=("train", "validation"))
+    run_job(job)  # two of the three files: not finished
+    assert not forward.finished and not backward.finished
+    run_job(dataclasses.replace(job, splits=("test",)))
+    assert forward.finished and not backward.finished
+    again = sweep.plan(sweep.build_parser().parse_args([*argv, "--translate_args=--overwrite"]))
+    assert again[0].done_files == () and not again[0].finished
+
+
 def test_in_process_sweep_gives_the_results_of_separate_processes(tmp_path, tiny_models):
-    """--in_process: stage 1, the translations and two stage-2 runs (LoRA, then FLARE after it) in one process give
-    exactly the metrics, losses and predictions of one process per job."""
+    """--in_process: stage 1 and two stage-2 runs (LoRA, then FLARE after it) in one process give exactly the
+    metrics, losses and predictions of one process per job (both sweeps find the translations made)."""
+    from flare.translate import TranslateJob, run_job
+
     small = "--max_train_samples 16 --max_eval_samples 8 --max_steps 3 --batch_size 8 --num_evals 1"
+    for src, tgt, splits in (("en", "jav", None), ("jav", "en", ("test",))):
+        run_job(TranslateJob("nusax", src, tgt, "reference", output_dir=tmp_path / "tr", data_dir=str(REPO / "data"),
+                             splits=splits))
     outputs = {}
     for in_process in (False, True):
         out = tmp_path / ("in" if in_process else "sub")
         argv = ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"), "--langs", "jav", "--modes", "lora",
                 "flare", "--seeds", "5", "--mt", "reference", "--data_dir", str(REPO / "data"),
-                "--output_dir", str(out / "ck"), "--translations", str(out / "tr"), "--stage1_args", small,
+                "--output_dir", str(out / "ck"), "--translations", str(tmp_path / "tr"), "--stage1_args", small,
                 "--stage2_args", small, *(["--in_process"] if in_process else [])]
         assert sweep.main(argv) == 0
         runs = sorted((out / "ck").glob("*/results_test.json"))
@@ -218,8 +248,8 @@ def test_demo_sh_runs_and_a_rerun_skips_every_finished_stage(tmp_path, me5_dir):
 
     second = subprocess.run(["bash", str(REPO / "demo.sh")], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
-    # stage 1 and stage 2 are skipped by the sweep; run_translate.py skips its finished files itself
-    assert second.stderr.count("skip (finished)") == 3 and "2 ran, 3 skipped (finished), 0 failed" in second.stderr
+    # the sweep skips every job: both translations, stage 1 and both stage-2 runs
+    assert second.stderr.count("skip (finished)") == 5 and "0 ran, 5 skipped (finished), 0 failed" in second.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 

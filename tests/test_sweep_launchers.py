@@ -19,14 +19,14 @@ def test_parallel_runs_in_dependency_order_one_job_per_gpu(tmp_path):
     code_a = ("import os, time; time.sleep(0.5); print('gpu', os.environ['CUDA_VISIBLE_DEVICES']); "
               f"open({str(mark)!r}, 'w')")
     code_b = f"import os; assert os.path.exists({str(mark)!r}), 'b started before a finished'"
-    jobs = [sweep.Job("a", ["-c", code_a], None),
-            sweep.Job("slow other", ["-c", "import time; time.sleep(0.5)"], None),
-            sweep.Job("b", ["-c", code_b], None, deps=("a",)),
-            sweep.Job("bad", ["-c", "raise SystemExit(3)"], None),
-            sweep.Job("after bad", ["-c", "pass"], None, deps=("bad",))]
+    jobs = [sweep.Job("a", ["-c", code_a], ()),
+            sweep.Job("slow other", ["-c", "import time; time.sleep(0.5)"], ()),
+            sweep.Job("b", ["-c", code_b], (), deps=("a",)),
+            sweep.Job("bad", ["-c", "raise SystemExit(3)"], ()),
+            sweep.Job("after bad", ["-c", "pass"], (), deps=("bad",))]
     done = tmp_path / "done.json"
     done.write_text("{}")
-    jobs.append(sweep.Job("finished before", ["-c", "raise SystemExit(1)"], done))
+    jobs.append(sweep.Job("finished before", ["-c", "raise SystemExit(1)"], (done,)))
     ran, skipped, failed = sweep.run_parallel(jobs, ["0", "1"], tmp_path / "logs", poll_s=0.05)
     assert sorted(ran) == ["a", "b", "slow other"] and skipped == ["finished before"]
     assert sorted(failed) == ["after bad", "bad"]  # a job whose predecessor failed never starts
@@ -41,10 +41,10 @@ def test_submitit_local_runs_jobs_after_their_predecessors_and_reports_failures(
     import argparse
 
     mark = tmp_path / "a-finished"
-    jobs = [sweep.Job("a", ["-c", f"open({str(mark)!r}, 'w'); print('a ran')"], None),
-            sweep.Job("b", ["-c", f"import os; assert os.path.exists({str(mark)!r})"], None, deps=("a",)),
-            sweep.Job("bad", ["-c", "raise SystemExit(3)"], None),
-            sweep.Job("after bad", ["-c", "pass"], None, deps=("bad",))]
+    jobs = [sweep.Job("a", ["-c", f"open({str(mark)!r}, 'w'); print('a ran')"], ()),
+            sweep.Job("b", ["-c", f"import os; assert os.path.exists({str(mark)!r})"], (), deps=("a",)),
+            sweep.Job("bad", ["-c", "raise SystemExit(3)"], ()),
+            sweep.Job("after bad", ["-c", "pass"], (), deps=("bad",))]
     args = argparse.Namespace(launcher="local", time_min=5, cpus_per_job=1, mem_gb=1, gpus_per_job=0,
                               partition=None, account=None)
     ran, skipped, failed = sweep.run_submitit(jobs, args, tmp_path / "logs")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -138,19 +139,25 @@ def check_output_dir(output_dir: str | Path) -> None:
 
 def check_adapter_file(load_ckpt: Path) -> None:
     """A run directory's adapter file is complete (its safetensors header and data agree): a truncated copy fails
-    here, before any model is loaded, rather than deep inside peft."""
-    from safetensors import safe_open
-
+    here, before any model is loaded, rather than deep inside peft. Read with the standard library (an 8-byte
+    little-endian header size, a JSON header of tensor offsets, the data), so a bad flag never waits for torch."""
     from flare.errors import CheckpointError
     from flare.files import ADAPTER_FILE
 
     path = load_ckpt / ADAPTER_FILE
     if not path.is_file():
         raise CheckpointError(f"{load_ckpt}: no {ADAPTER_FILE}; pass a run directory written by run_task_ft.py")
+    size = path.stat().st_size
     try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) != size:
+            raise ValueError(f"the header describes {8 + n + max(ends, default=0)} bytes, the file has {size}")
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path} is truncated or corrupt ({e}); copy it again or re-run run_task_ft.py") from e
 
 

@@ -3,8 +3,9 @@
     python -m flare.sweep --task nusax --plm me5-small --langs jav sun --modes zero-shot lora flare \\
         --seeds 1 2 3 --mt reference --data_dir data
 
-For each seed: stage 1 (``run_task_ft.py``) if its results are missing; for each language the translations
-(``run_translate.py`` skips finished files); then every stage-2 run (``run.py``) whose ``results_*.json`` is missing.
+For each language the translations (``run_translate.py``) whose files are missing; for each seed stage 1
+(``run_task_ft.py``) if its results are missing; then every stage-2 run (``run.py``) whose ``results_*.json`` is
+missing.
 Finished runs are skipped, a failed run does not stop the sweep, and the failures are listed at the end (exit 1).
 Each run is its own process (memory is returned between runs; a crash cannot take the sweep down), unless
 ``--in_process``: then every job runs in this process through its script's ``main(argv)`` (the imports, about 6 s
@@ -39,8 +40,12 @@ MODES = ("zero-shot", "translate-test", "lora", "input-fusion", "flare", "flare-
 class Job:
     name: str
     argv: list[str]
-    done_file: Path | None  # None: always run (the script skips finished work itself)
+    done_files: tuple[Path, ...]  # the job is finished when all exist; () = always run
     deps: tuple[str, ...] = ()  # names of the jobs that must finish first (stage 1 of the seed, the translations)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done_files) and all(p.is_file() for p in self.done_files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +148,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def plan(args: argparse.Namespace) -> list[Job]:
     from flare import stage2
+    from flare.data.layout import mt_name, translation_files, translation_folder  # (flare.data imports datasets)
 
     plm_name = model_name(args.plm)
     out, tr = Path(args.output_dir), Path(args.translations)
@@ -150,14 +156,17 @@ def plan(args: argparse.Namespace) -> list[Job]:
     jobs: list[Job] = []
     translations: dict[str, tuple[str, ...]] = {}  # language -> its translation jobs
     needs_mt = any(m != "zero-shot" for m in args.modes)
+    redo = "--overwrite" in shlex.split(args.translate_args)
     if needs_mt:
         for lang in args.langs:
-            for src, tgt, splits in ((args.source_lang, lang, []), (lang, args.source_lang, ["--splits", "test"])):
-                translations[lang] = (*translations.get(lang, ()), f"translate {args.task} {src}->{tgt}")
-                jobs.append(Job(f"translate {args.task} {src}->{tgt}",
-                                ["run_translate.py", "--task", args.task, "--source_lang", src, "--target_lang", tgt,
-                                 "--model", args.mt, "--output_dir", str(tr), *splits, *data,
-                                 *shlex.split(args.translate_args)], None))
+            for src, tgt, splits in ((args.source_lang, lang, ()), (lang, args.source_lang, ("test",))):
+                name = f"translate {args.task} {src}->{tgt}"
+                translations[lang] = (*translations.get(lang, ()), name)
+                done = () if redo else tuple(translation_files(tr, args.task, src, tgt, args.mt, splits))
+                jobs.append(Job(name, ["run_translate.py", "--task", args.task, "--source_lang", src,
+                                       "--target_lang", tgt, "--model", args.mt, "--output_dir", str(tr),
+                                       *(["--splits", *splits] if splits else []), *data,
+                                       *shlex.split(args.translate_args)], done))
     for seed in args.seeds:
         stage1_root = Path(args.stage1_dir or args.output_dir)
         stage1_dir = stage1_root / f"{args.task}-{args.source_lang}-{plm_name}-{seed}"
@@ -166,10 +175,10 @@ def plan(args: argparse.Namespace) -> list[Job]:
                         ["run_task_ft.py", "--task", args.task, "--plm", args.plm, "--lang", args.source_lang,
                          "--seed", str(seed), "--output_dir", str(stage1_root), *data,
                          *shlex.split(args.stage1_args)],
-                        stage1_dir / "results_test.json"))
+                        (stage1_dir / "results_test.json",)))
         for lang in args.langs:
-            forward = tr / args.task / f"translate-{lang}-{args.mt}"
-            backward = tr / args.task / f"translate-{args.source_lang}-{args.mt}"
+            forward = translation_folder(tr, args.task, lang, mt_name(args.mt))
+            backward = translation_folder(tr, args.task, args.source_lang, mt_name(args.mt))
             for mode in args.modes:
                 for fn in (args.fusion_fns if mode.startswith("flare") else [None]):
                     argv = ["--task", args.task, "--plm", args.plm, "--source_lang", args.source_lang,
@@ -182,7 +191,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
                     prefix = "zs" if mode == "zero-shot" else "test"
                     deps = (stage1_job, *(translations.get(lang, ()) if mode != "zero-shot" else ()))
                     jobs.append(Job(f"{mode}{'/' + fn if fn else ''} {lang} seed {seed}", ["run.py", *argv],
-                                    out / name / f"results_{prefix}.json", deps))
+                                    (out / name / f"results_{prefix}.json",), deps))
     return jobs
 
 
@@ -219,7 +228,7 @@ def blocked_by(job: Job, failed: list[str]) -> str | None:
 
 def settle(job: Job, skipped: list[str], failed: list[str]) -> bool:
     """True if ``job`` needs no run: finished before (-> skipped) or a predecessor failed (-> failed)."""
-    if job.done_file is not None and job.done_file.is_file():
+    if job.finished:
         logger.info("skip (finished): %s", job.name)
         skipped.append(job.name)
         return True
@@ -236,7 +245,7 @@ def run_jobs(jobs: list[Job], dry_run: bool = False, python: str = sys.executabl
     never stops the sweep, but the jobs that depend on a failed job are not started (failed too)."""
     ran, skipped, failed = [], [], []
     for i, job in enumerate(jobs, 1):
-        if job.done_file is not None and job.done_file.is_file():
+        if job.finished:
             logger.info("[%d/%d] skip (finished): %s", i, len(jobs), job.name)
             skipped.append(job.name)
             continue

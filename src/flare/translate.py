@@ -26,7 +26,8 @@ import pandas as pd
 
 from flare.config import TASKS, resolve_model
 from flare.data import load_task
-from flare.data.layout import META_FILE, SPLIT_FILE, split_file, translated, translation_folder
+from flare.data.layout import (META_FILE, SPLIT_FILE, TRANSLATED_SPLITS, mt_name, split_file, translated,
+                               translation_folder)
 from flare.errors import FlareError
 from flare.files import atomic_write
 from flare.languages import nllb_code, resolve
@@ -34,8 +35,7 @@ from flare.languages import nllb_code, resolve
 logger = logging.getLogger(__name__)
 
 FIELDS = {task: info.text_fields for task, info in TASKS.items()}  # the fields that get translated
-SPLITS = {"xnli": ("train", "validation", "test"), "nusax": ("train", "validation", "test"),
-          "tydiqa": ("train", "test")}  # TyDiQA's validation set is cut from the translated training rows
+SPLITS = TRANSLATED_SPLITS
 MARK = '"'  # answer marker for span projection (the original's choice); removed from every QA text first
 CHUNK = 256  # unique strings per resumable chunk
 TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model", "spm.model")
@@ -288,7 +288,7 @@ class TranslateJob:
 
     @property
     def model_name(self) -> str:
-        return self.model if self.model == "reference" or not Path(self.model).exists() else Path(self.model).name
+        return mt_name(self.model)
 
     @property
     def folder(self) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 SPLIT_FILE = {"train": "train", "validation": "val", "test": "test"}  # the original's file names
 FOLDER_PREFIX = "translate-"
 META_FILE = "meta.json"
+TRANSLATED_SPLITS = {"xnli": ("train", "validation", "test"), "nusax": ("train", "validation", "test"),
+                     "tydiqa": ("train", "test")}  # TyDiQA's validation set is cut from the translated training rows
 
 
 def folder_name(tgt: str, mt: str) -> str:
@@ -22,6 +24,11 @@ def folder_name(tgt: str, mt: str) -> str:
 
 def translation_folder(output_dir: str | Path, task: str, tgt: str, mt: str) -> Path:
     return Path(output_dir) / task / folder_name(tgt, mt)
+
+
+def mt_name(model: str) -> str:
+    """The MT's name in folder names: ``reference``, a hub id or table name as given, a local model folder's name."""
+    return model if model == "reference" or not Path(model).exists() else Path(model).name
 
 
 def split_file(split: str, src: str, tgt: str) -> str:
@@ -37,3 +44,11 @@ def mt_of_folder(name: str, lang: str) -> str | None:
     """The MT name of a folder ``translate-{lang}-{mt}``, or None if the name has another form."""
     prefix = f"{FOLDER_PREFIX}{lang}-"
     return name[len(prefix):] if name.startswith(prefix) and len(name) > len(prefix) else None
+
+
+def translation_files(output_dir: str | Path, task: str, src: str, tgt: str, model: str,
+                      splits: tuple[str, ...] | list[str] | None = None) -> list[Path]:
+    """The files ``run_translate.py`` writes for ``src -> tgt`` (every split of the task unless ``splits``); when all
+    exist it has nothing to do."""
+    folder = translation_folder(output_dir, task, tgt, mt_name(model))
+    return [folder / split_file(s, src, tgt) for s in (splits or TRANSLATED_SPLITS[task])]
