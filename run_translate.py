@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=Path(args.output_dir), data_dir=args.data_dir,
             splits=tuple(args.splits) if args.splits else None, max_samples=args.max_samples,
             max_length=args.max_length, batch_size=args.batch_size, num_beams=args.num_beams,
-            device=resolve_device(args.device), bf16=args.bf16, overwrite=args.overwrite,
+            device="cpu" if args.model == "reference" else resolve_device(args.device),  # copies need no torch
+            bf16=args.bf16, overwrite=args.overwrite,
             no_fallback=args.no_fallback,
             parquet_inputs={s: p for s, p in (("train", args.path_train), ("test", args.path_test)) if p},
             shard=shard,

@@ -86,8 +86,10 @@ def fmt(values: list[float], scale: float = 100, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
 
 
-def build_tables(results: list[dict]) -> dict:
-    """{(task, plm_name): {"langs", "rows", "seeds", "runs": {(row, lang, seed): result}, "missing"}}."""
+def build_tables(results: list[dict], study: dict | None = None) -> dict:
+    """{(task, plm_name): {"langs", "rows", "seeds", "runs": {(row, lang, seed): result}, "missing"}}. The missing
+    runs are those of the full grid: every mode x language x seed seen, and for a study's own task and model also
+    every language and seed its ``study.json`` declares (so an unfinished study lists its absent seeds)."""
     groups: dict = defaultdict(lambda: {"runs": {}, "langs": set(), "rows": set(), "seeds": set()})
     for res in results:
         g = groups[(res["task"], res["plm_name"])]
@@ -101,8 +103,10 @@ def build_tables(results: list[dict]) -> dict:
     tables = {}
     for (task, plm), g in groups.items():
         rows = sorted(g["rows"], key=lambda k: (ROW_ORDER.index(k[0]), k[1] or ""))
-        langs = sorted(g["langs"])
-        missing = [f"{row_label(r)} / {lang} / seed {s}" for r in rows for lang in langs for s in sorted(g["seeds"])
+        declared = study and study.get("task") == task and study.get("model") == plm
+        langs = sorted(g["langs"] | set(study["languages"] if declared else ()))
+        grid_seeds = sorted(g["seeds"] | set(study["seeds"] if declared else ()))
+        missing = [f"{row_label(r)} / {lang} / seed {s}" for r in rows for lang in langs for s in grid_seeds
                    if (r, lang, s) not in g["runs"]]
         tables[(task, plm)] = dict(rows=rows, langs=langs, runs=g["runs"], seeds=sorted(g["seeds"]), missing=missing)
     return tables
@@ -377,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"error: {root} is not a folder; pass the --output_dir of run.py (e.g. checkpoints/)", file=sys.stderr)
         return 2
-    tables, study = build_tables(load_results(root)), load_study(root)
+    study = load_study(root)
+    tables = build_tables(load_results(root), study)
     if not tables:
         print(f"error: no stage-2 results_*.json under {root}; run run.py (or python -m flare.sweep) first",
               file=sys.stderr)
