@@ -19,16 +19,17 @@ BF16="${BF16:-1}"                    # bf16 weights on a GPU (ignored on a CPU)
 
 for task in $TASKS; do
   case "$task" in
-    tydiqa) max_len=768; fwd_splits="train test" ;;
-    *)      max_len=256; fwd_splits="train validation test" ;;
+    tydiqa) max_len=768 ;;
+    *)      max_len=256 ;;
   esac
-  [ -n "${SPLITS:-}" ] && fwd_splits="$SPLITS"
+  fwd_splits=()                       # default: every split the task table lists for translation
+  [ -n "${SPLITS:-}" ] && fwd_splits=(--splits $SPLITS)
   for tgt in $TARGET_LANGS; do
     common=(--task "$task" --model "$MODEL" --batch_size "$BATCH_SIZE" --max_length "$max_len" --output_dir "$OUTPUT_DIR")
     [ -n "$DATA_DIR" ] && common+=(--data_dir "$DATA_DIR")
     [ "$BF16" = "1" ] && [ "$MODEL" != "reference" ] && common+=(--bf16)
     # 1. English data into the target language
-    python run_translate.py "${common[@]}" --source_lang "$SOURCE_LANG" --target_lang "$tgt" --splits $fwd_splits "$@"
+    python run_translate.py "${common[@]}" --source_lang "$SOURCE_LANG" --target_lang "$tgt" ${fwd_splits[@]+"${fwd_splits[@]}"} "$@"
     # 2. the target test set into English
     python run_translate.py "${common[@]}" --source_lang "$tgt" --target_lang "$SOURCE_LANG" --splits test "$@"
   done

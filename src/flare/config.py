@@ -150,11 +150,13 @@ class TaskInfo:
     best_metric: str  # metric for best-checkpoint selection
     text_fields: tuple[str, ...]  # fields that get translated / fed to the model
     truncate_field: str  # the long field that is cut when a prompt does not fit
+    # the splits run_translate.py translates; TyDiQA's validation set is cut from the translated training rows
+    translated_splits: tuple[str, ...] = ("train", "validation", "test")
 
 
 TASKS: dict[str, TaskInfo] = {
     "xnli": TaskInfo("xnli", "cls", ("entailment", "neutral", "contradiction"), 128, "accuracy",
                      ("premise", "hypothesis"), "premise"),
     "nusax": TaskInfo("nusax", "cls", ("negative", "neutral", "positive"), 128, "f1", ("text",), "text"),
-    "tydiqa": TaskInfo("tydiqa", "qa", (), 384, "f1", ("context", "question"), "context"),
+    "tydiqa": TaskInfo("tydiqa", "qa", (), 384, "f1", ("context", "question"), "context", ("train", "test")),
 }

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flare.config import TASKS
+
 SPLIT_FILE = {"train": "train", "validation": "val", "test": "test"}  # the original's file names
 FOLDER_PREFIX = "translate-"
 META_FILE = "meta.json"
-TRANSLATED_SPLITS = {"xnli": ("train", "validation", "test"), "nusax": ("train", "validation", "test"),
-                     "tydiqa": ("train", "test")}  # TyDiQA's validation set is cut from the translated training rows
+TRANSLATED_SPLITS = {task: info.translated_splits for task, info in TASKS.items()}  # read from the task table
 
 
 def folder_name(tgt: str, mt: str) -> str:
