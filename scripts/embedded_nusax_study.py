@@ -161,8 +161,8 @@ def collect(args, choice: dict) -> None:
             if "checkpoint-" in res.parent.name:
                 continue
             run = json.loads(res.read_text())
-            if run.get("seed") not in args.seeds or run.get("target_lang", args.langs[0]) not in (*args.langs,
-                                                                                                  args.select_lang):
+            lang = run.get("target_lang")  # None for a stage-1 run
+            if run["seed"] not in args.seeds or lang not in (None, *args.langs, args.select_lang):
                 continue  # a run of another seed or language (e.g. of an earlier, larger grid) is not this study's
             rel = res.parent.relative_to(work / sub)
             copy_run(res.parent, results / dest / rel)

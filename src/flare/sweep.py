@@ -226,14 +226,15 @@ def blocked_by(job: Job, failed: list[str]) -> str | None:
     return next((d for d in job.deps if d in failed), None)
 
 
-def settle(job: Job, skipped: list[str], failed: list[str]) -> bool:
-    """True if ``job`` needs no run: finished before (-> skipped) or a predecessor failed (-> failed)."""
+def settle(job: Job, skipped: list[str], failed: list[str], prefix: str = "") -> bool:
+    """True if ``job`` needs no run: finished before (-> skipped) or a predecessor failed (-> failed); ``prefix``
+    goes before the log line (the serial sweep's ``[i/n] ``)."""
     if job.finished:
-        logger.info("skip (finished): %s", job.name)
+        logger.info("%sskip (finished): %s", prefix, job.name)
         skipped.append(job.name)
         return True
     if (dep := blocked_by(job, failed)) is not None:
-        logger.error("not started, %s failed: %s", dep, job.name)
+        logger.error("%snot started, %s failed: %s", prefix, dep, job.name)
         failed.append(job.name)
         return True
     return False
@@ -245,13 +246,7 @@ def run_jobs(jobs: list[Job], dry_run: bool = False, python: str = sys.executabl
     never stops the sweep, but the jobs that depend on a failed job are not started (failed too)."""
     ran, skipped, failed = [], [], []
     for i, job in enumerate(jobs, 1):
-        if job.finished:
-            logger.info("[%d/%d] skip (finished): %s", i, len(jobs), job.name)
-            skipped.append(job.name)
-            continue
-        if (dep := blocked_by(job, failed)) is not None:
-            logger.error("[%d/%d] not started, %s failed: %s", i, len(jobs), dep, job.name)
-            failed.append(job.name)
+        if settle(job, skipped, failed, f"[{i}/{len(jobs)}] "):
             continue
         cmd = command(job, python)
         here = in_process and job.argv[0].endswith(".py")
