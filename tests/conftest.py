@@ -22,6 +22,12 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )
 
+# Under pytest-xdist (`-n 2`, the README's test command) the workers share the CPU: each gets its share of the cores
+# (set before torch is imported; subprocesses inherit it), or two 2-thread torch pools on 2 cores thrash.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 
