@@ -55,6 +55,39 @@ def test_dequantize_q4_0():
     assert w[0, 16:].tolist() == [(15 - j - 8) * 0.5 for j in range(16)]
 
 
+def test_first_use_conversion_leaves_the_random_state_alone(tmp_path, monkeypatch):
+    """A fresh clone's first run converts the model after the seed is set; the conversion must draw nothing from the
+    global generator, or the first run trains from another random state than every later one (issue 24)."""
+    import torch
+
+    torch.manual_seed(42)
+    expected = torch.rand(4)
+    monkeypatch.setenv("FLARE_CACHE", str(tmp_path / "empty-cache"))
+    torch.manual_seed(42)
+    embedded.ensure_me5_small()  # converts: the cache is empty
+    assert (tmp_path / "empty-cache").is_dir()
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.slow
+def test_stage1_same_with_an_empty_and_a_filled_cache(tmp_path, monkeypatch):
+    """What the user sees: stage 1 on me5-small gives the same first loss and predictions whether its first use
+    converts the model (empty cache) or finds it converted (filled cache)."""
+    from flare import stage1
+
+    monkeypatch.setenv("FLARE_CACHE", str(tmp_path / "cache"))
+    outs = []
+    for name in ("empty", "filled"):
+        argv = ["--task", "nusax", "--plm", "me5-small", "--seed", "42", "--max_steps", "2", "--batch_size", "8",
+                "--max_train_samples", "16", "--max_eval_samples", "8", "--data_dir", str(REPO / "data"),
+                "--output_dir", str(tmp_path / name), "--device", "cpu"]
+        assert stage1.main(argv) == 0
+        run_dir = tmp_path / name / "nusax-en-me5-small-42"
+        res = json.loads((run_dir / "results_test.json").read_text())
+        outs.append((res["train_loss"], (run_dir / "predictions_test.jsonl").read_text()))
+    assert outs[0] == outs[1]
+
+
 def test_converted_model_loads_strictly_and_tokenizes(me5_dir):
     import torch
     from transformers import AutoModel, AutoTokenizer

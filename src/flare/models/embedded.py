@@ -213,7 +213,11 @@ def convert(out_dir: Path, path: Path | None = None) -> None:
                         max_position_embeddings=h["positions"], type_vocab_size=h["token_types"],
                         layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=SPECIALS["pad"],
                         tokenizer_class="PreTrainedTokenizerFast")
-    model = BertModel(config, add_pooling_layer=False)
+    # BertModel's random initialisation (overwritten by the strict load below) would draw from the global generator:
+    # a run whose first use converts the model would then train from another random state than a run with the
+    # cache filled. fork_rng restores the caller's state afterwards.
+    with torch.random.fork_rng(devices=[]):
+        model = BertModel(config, add_pooling_layer=False)
     model.load_state_dict(state_dict(e5), strict=True)
     model.to(torch.float32).save_pretrained(out_dir)
     with tempfile.TemporaryDirectory() as work:
