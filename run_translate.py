@@ -17,8 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source_lang", required=True, help="language of the data to translate (e.g. en)")
     p.add_argument("--target_lang", required=True, help="language to translate into (e.g. es, jav)")
     p.add_argument("--model", required=True,
-                   help="nllb-600m, nllb-3.3b, a local NLLB/M2M100 directory, or 'reference' (the human "
-                        "translations of the parallel NusaX / XNLI corpus: oracle MT, offline)")
+                   help="nllb-600m, nllb-3.3b, a local NLLB/M2M100 directory, 'reference' (the human "
+                        "translations of the parallel NusaX / XNLI corpus: oracle MT, offline) or 'lexical' (a "
+                        "word-level statistical MT, IBM Model 1, trained on the parallel TRAINING split only: weak "
+                        "real MT, offline; see flare.lexical_mt)")
     p.add_argument("--max_length", type=int, default=256,
                    help="max tokens of an input (longer ones are truncated and counted) and of an output "
                         "(the original's default was 128; its run_translate.sh used 256, and 768 for TyDiQA)")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=Path(args.output_dir), data_dir=args.data_dir,
             splits=tuple(args.splits) if args.splits else None, max_samples=args.max_samples,
             max_length=args.max_length, batch_size=args.batch_size, num_beams=args.num_beams,
-            device="cpu" if args.model == "reference" else resolve_device(args.device),  # copies need no torch
+            device="cpu" if args.model in ("reference", "lexical") else resolve_device(args.device),  # no torch
             bf16=args.bf16, overwrite=args.overwrite,
             no_fallback=args.no_fallback,
             parquet_inputs={s: p for s, p in (("train", args.path_train), ("test", args.path_test)) if p},

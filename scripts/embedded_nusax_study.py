@@ -1,6 +1,7 @@
 """Does FLARE beat LoRA? The multi-seed NusaX study on the embedded model (me5-small), in one command:
 
-    python scripts/embedded_nusax_study.py      # from the repository root; about 3.5 h on a 2-core CPU; re-run to resume
+    python scripts/embedded_nusax_study.py               # oracle MT; from the repository root; re-run to resume
+    python scripts/embedded_nusax_study.py --mt lexical  # the statistical MT condition
 
 1. Stage 1 on English NusaX, one per seed (the demo's stage-1 flags).
 2. Training budget, chosen on VALIDATION data of a language outside the reported table (Indonesian, first seed):
@@ -14,8 +15,17 @@
    ``--results`` with ``study.json`` (the protocol, the budget choice and the validation scores behind it); then
    ``python -m flare.report RESULTS`` writes the tables, plot and significance analysis.
 
-Translations are NusaX's human ``reference`` translations: translate-test and both fusion methods see the gold
-English sentence at test time (an upper bound of what MT gives). FLARE runs with ``--cache_source_states`` (the
+Two conditions (``--mt``), each in its own results folder:
+
+* ``reference`` (the oracle, ``results/embedded-nusax``): NusaX's human translations; translate-test and both fusion
+  methods see the gold English sentence at test time (an upper bound of what MT gives).
+* ``lexical`` (``results/embedded-nusax-lexical``): the word-level statistical MT of ``flare.lexical_mt`` (IBM
+  Model 1 trained on the 500 training pairs of each language; test chrF about 28 against the human translation), a
+  lower bound. The training budgets are the oracle condition's (not chosen again); the grid is zero-shot (the same
+  as the oracle's), translate-test, translate-train LoRA, input-level fusion and FLARE with ``--fns`` (default
+  add_relu and mul). Validation and checkpoint selection read the lexical translation of the validation set, as
+  the original code selected on machine-translated validation data.
+ FLARE runs with ``--cache_source_states`` (the
 same numbers as without, tested; about 30 % faster here). Finished runs are skipped, so an interrupted study resumes
 where it stopped. ``--reproduce RUN_NAME`` re-runs one committed cell from scratch (its stage 1 included) into a
 scratch folder and compares its metrics and predictions with the committed ones.
@@ -53,16 +63,25 @@ def row_name(mode: str, fn: str | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The multi-seed NusaX study on me5-small (see the module docstring).")
     p.add_argument("--langs", nargs="+", default=["jav", "sun", "ace", "mad"], help="reported target languages")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2],
-                   help="seeds (two keep the study near its 3-hour goal; each more adds about 70 min)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
+                   help="seeds (each takes about 70 min for the oracle, 50 min for the lexical condition)")
+    p.add_argument("--mt", choices=("reference", "lexical"), default="reference",
+                   help="translations: reference = NusaX's human ones (oracle), lexical = the statistical MT of "
+                        "flare.lexical_mt trained on the training split")
+    p.add_argument("--fns", nargs="+", choices=FUSION_FNS, default=None,
+                   help="FLARE fusion functions of the grid (default: all four for reference, add_relu mul for "
+                        "lexical)")
+    p.add_argument("--budgets_from", default="results/embedded-nusax",
+                   help="lexical: the oracle study whose chosen budgets are kept (its study.json)")
     p.add_argument("--select_lang", default="ind", help="language whose VALIDATION data picks the budget")
     p.add_argument("--budgets", nargs="+", type=int, default=[1, 3, 6], help="candidate epochs of stage 2")
     p.add_argument("--plm", default="me5-small", help="model")
     p.add_argument("--data_dir", default="data", help="local data root")
     p.add_argument("--work_dir", default="checkpoints/embedded-nusax",
                    help="run directories with checkpoints (not committed)")
-    p.add_argument("--results", default="results/embedded-nusax",
-                   help="where the runs' results and predictions are collected (committed)")
+    p.add_argument("--results", default=None,
+                   help="where the runs' results and predictions are collected (committed; default "
+                        "results/embedded-nusax, or results/embedded-nusax-lexical for --mt lexical)")
     p.add_argument("--phase", choices=("all", "select", "grid", "collect"), default="all",
                    help="run only one phase (default: all; each skips finished runs)")
     p.add_argument("--reproduce", metavar="RUN_NAME", default=None,
@@ -74,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def sweep_argv(args, *, langs, seeds, modes, fns, output_dir: Path, stage2: str) -> list[str]:
     work = Path(args.work_dir)
     return ["--task", "nusax", "--plm", args.plm, "--langs", *langs, "--seeds", *map(str, seeds),
-            "--modes", *modes, "--fusion_fns", *(fns or ["add_relu"]), "--mt", "reference",
+            "--modes", *modes, "--fusion_fns", *(fns or ["add_relu"]), "--mt", args.mt,
             "--data_dir", args.data_dir, "--output_dir", str(output_dir), "--stage1_dir", str(work / "stage1"),
             "--translations", str(work / "translations"), "--stage1_args", STAGE1_ARGS, "--stage2_args", stage2,
             "--in_process"]
@@ -94,7 +113,13 @@ def select_dir(args, epochs: int) -> Path:
 
 
 def grid_dir(args, epochs: int | None) -> Path:
-    return Path(args.work_dir) / "grid" / (f"epochs-{epochs}" if epochs else "eval-only")
+    grid = "grid" if args.mt == "reference" else f"grid-{args.mt}"
+    return Path(args.work_dir) / grid / (f"epochs-{epochs}" if epochs else "eval-only")
+
+
+def training_rows(args) -> list[tuple[str, str | None]]:
+    fns = args.fns or (FUSION_FNS if args.mt == "reference" else ("add_relu", "mul"))
+    return [(m, fn) for m, fn in TRAINING_ROWS if fn is None or fn in fns]
 
 
 def run_selection(args) -> bool:
@@ -110,9 +135,10 @@ def run_selection(args) -> bool:
 RESULT_MODE = {"lora": "translate-train"}  # the sweep's mode name -> the one run.py records
 
 
-def result_of(root: Path, mode: str, fn: str | None, lang: str, seed: int) -> dict | None:
+def result_of(roots: Path | list[Path], mode: str, fn: str | None, lang: str, seed: int) -> dict | None:
     recorded = RESULT_MODE.get(mode, mode)
-    for path in sorted(root.glob(f"nusax-en-{lang}-*-{seed}-*/results_test.json")):
+    roots = [roots] if isinstance(roots, Path) else roots
+    for path in sorted(p for root in roots for p in root.glob(f"nusax-en-{lang}-*-{seed}-*/results_test.json")):
         res = json.loads(path.read_text())
         if res.get("mode") == recorded and res.get("fusion_fn") == fn and res.get("seed") == seed:
             return res
@@ -120,12 +146,21 @@ def result_of(root: Path, mode: str, fn: str | None, lang: str, seed: int) -> di
 
 
 def choose_budgets(args) -> dict:
-    """{row: {"epochs": chosen, "validation": {epochs: best validation F1}}}; a tie goes to the smaller budget."""
+    """{row: {"epochs": chosen, "validation": {epochs: best validation F1}}}; a tie goes to the smaller budget.
+    The budget runs are read from the work folder, or from the committed study (a fresh clone has no checkpoints)."""
+    if args.mt != "reference":  # the lexical condition keeps the oracle's budgets
+        oracle = Path(args.budgets_from) / "study.json"
+        if not oracle.is_file():
+            raise SystemExit(f"error: --mt {args.mt} keeps the budgets of the oracle study, but {oracle} is missing; "
+                             "run the oracle condition first or pass --budgets_from")
+        chosen = json.loads(oracle.read_text())["selection"]["chosen"]
+        return {row_name(m, fn): chosen[row_name(m, fn)] for m, fn in training_rows(args)}
     choice = {}
     for mode, fn in TRAINING_ROWS:
         scores = {}
         for epochs in args.budgets:
-            res = result_of(select_dir(args, epochs), mode, fn, args.select_lang, args.seeds[0])
+            roots = [select_dir(args, epochs), Path(args.budgets_from) / "selection" / f"epochs-{epochs}"]
+            res = result_of(roots, mode, fn, args.select_lang, args.seeds[0])
             if res is None:
                 raise SystemExit(f"error: the budget run {row_name(mode, fn)} / {epochs} epochs is missing under "
                                  f"{select_dir(args, epochs)}; run --phase select first")
@@ -140,7 +175,7 @@ def run_grid(args, choice: dict) -> bool:
     for seed in args.seeds:  # seed by seed: an interruption leaves complete seeds
         ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=["zero-shot", "translate-test"],
                                    fns=None, output_dir=grid_dir(args, None), stage2=STAGE2_ARGS))
-        for mode, fn in TRAINING_ROWS:
+        for mode, fn in training_rows(args):
             epochs = choice[row_name(mode, fn)]["epochs"]
             ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=[mode], fns=[fn] if fn else None,
                                        output_dir=grid_dir(args, epochs), stage2=budget_args(mode, epochs)))
@@ -156,7 +191,10 @@ def copy_run(run_dir: Path, dest: Path) -> None:
 
 def collect(args, choice: dict) -> None:
     work, results = Path(args.work_dir), Path(args.results)
-    for sub, dest in (("stage1", "stage1"), ("select", "selection"), ("grid", "runs")):
+    grid = grid_dir(args, None).parent.name
+    subs = (("stage1", "stage1"), ("select", "selection"), (grid, "runs")) if args.mt == "reference" else (
+        ("stage1", "stage1"), (grid, "runs"))
+    for sub, dest in subs:
         for res in sorted((work / sub).rglob("results_*.json")):
             if "checkpoint-" in res.parent.name:
                 continue
@@ -166,14 +204,19 @@ def collect(args, choice: dict) -> None:
                 continue  # a run of another seed or language (e.g. of an earlier, larger grid) is not this study's
             rel = res.parent.relative_to(work / sub)
             copy_run(res.parent, results / dest / rel)
+    if args.mt == "reference":
+        selection = {"folder": "selection", "language": args.select_lang, "seed": args.seeds[0],
+                     "budgets": args.budgets, "metric": "validation macro-F1 of the best checkpoint",
+                     "chosen": choice}
+    else:
+        oracle = json.loads((Path(args.budgets_from) / "study.json").read_text())["selection"]
+        selection = {**oracle, "folder": None, "kept_from": args.budgets_from, "chosen": choice}
     write_json_atomic(results / "study.json", {
-        "model": args.plm, "task": "nusax", "languages": args.langs, "seeds": args.seeds, "translations": "reference",
+        "model": args.plm, "task": "nusax", "languages": args.langs, "seeds": args.seeds, "translations": args.mt,
         "stage1_args": STAGE1_ARGS, "stage2_args": STAGE2_ARGS + " --epochs E --num_evals E (FLARE: "
                                                                  "--cache_source_states)",
-        "selection": {"folder": "selection", "language": args.select_lang, "seed": args.seeds[0],
-                      "budgets": args.budgets, "metric": "validation macro-F1 of the best checkpoint",
-                      "chosen": choice},
-        "command": "python scripts/embedded_nusax_study.py",
+        "selection": selection,
+        "command": "python scripts/embedded_nusax_study.py" + ("" if args.mt == "reference" else f" --mt {args.mt}"),
     })
 
 
@@ -212,6 +255,8 @@ def reproduce(args, run_name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.results is None:
+        args.results = "results/embedded-nusax" + ("" if args.mt == "reference" else f"-{args.mt}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (Path(args.data_dir) / "nusax").is_dir():
         print(f"error: no NusaX data under {args.data_dir}/nusax; run from the repository root or pass --data_dir",
@@ -220,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reproduce:
         return reproduce(args, args.reproduce)
     ok = True
-    if args.phase in ("all", "select"):
+    if args.phase in ("all", "select") and args.mt == "reference":
         ok &= run_selection(args)
     if args.phase == "select":
         return 0 if ok else 1

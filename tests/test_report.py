@@ -22,57 +22,120 @@ def _run(root: Path, mode, lang, seed, f1, fn=None, acc=None, **extra):
     (d / ("results_zs.json" if mode == "zero-shot" else "results_test.json")).write_text(json.dumps(res))
 
 
-def test_sign_test_is_the_exact_two_sided_binomial():
-    assert report.sign_test(8, 0) == pytest.approx(2 / 2 ** 8)
-    assert report.sign_test(0, 8) == pytest.approx(2 / 2 ** 8)
-    assert report.sign_test(5, 5) == 1.0 and report.sign_test(0, 0) == 1.0
-    # 9 wins, 3 losses: P(X <= 3) for Binomial(12, 1/2), doubled
-    assert report.sign_test(9, 3) == pytest.approx(2 * sum(math.comb(12, i) for i in range(4)) / 4096)
-    from scipy.stats import binomtest
+def _predicted_run(root: Path, mode, lang, seed, preds, golds, fn=None, ids=None, **extra):
+    """A run with a predictions file; its recorded metrics are those of the predictions."""
+    from flare.metrics import classification_metrics
 
-    for w, losses in ((7, 2), (3, 10), (6, 6), (1, 0)):
-        assert report.sign_test(w, losses) == pytest.approx(binomtest(w, w + losses, 0.5).pvalue)
-
-
-def test_bootstrap_interval_is_reproducible_and_brackets_the_mean():
-    diffs = [0.02, 0.01, -0.005, 0.03, 0.015, 0.0, 0.025, 0.01]
-    lo, hi = report.bootstrap_ci(diffs)
-    assert (lo, hi) == report.bootstrap_ci(diffs)  # fixed seed: the same report every time
-    assert lo < np.mean(diffs) < hi and lo > -0.005 and hi < 0.03
-    assert report.bootstrap_ci([0.01] * 5) == pytest.approx((0.01, 0.01))  # no spread, no width
-    # the interval narrows as the pairs grow (same spread, 4x the pairs -> about half the width)
-    lo4, hi4 = report.bootstrap_ci(diffs * 4)
-    assert (hi4 - lo4) < 0.7 * (hi - lo)
+    m = classification_metrics(preds, golds, 3)
+    _run(root, mode, lang, seed, m["f1"], fn=fn, acc=m["accuracy"], **extra)
+    d = root / f"nusax-en-{lang}-m-{seed}-{mode}-{fn}"
+    ids = ids or [str(i) for i in range(len(preds))]
+    name = "predictions_zs.jsonl" if mode == "zero-shot" else "predictions_test.jsonl"
+    (d / name).write_text("".join(json.dumps({"id": i, "prediction": int(p), "gold": int(g)}) + "\n"
+                                  for i, p, g in zip(ids, preds, golds)))
 
 
-def test_flare_vs_baselines_paired_per_language_and_seed(tmp_path):
+def test_holm_adjustment_known_answer():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone: 0.02, 0.03, 0.06, 0.06
+    assert report.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert report.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert report.holm([0.02]) == pytest.approx([0.02]) and report.holm([]) == []
+
+
+def test_weighted_item_statistics_reproduce_the_recorded_metrics():
+    """With every item drawn once, the per-item statistics give exactly sklearn's macro-F1 and the accuracy."""
+    from flare.metrics import classification_metrics
+
+    rng = np.random.default_rng(3)
+    golds = rng.integers(0, 3, 400)
+    preds = np.where(rng.random(400) < 0.7, golds, rng.integers(0, 3, 400))
+    preds[:5] = -1  # unparseable: wrong for their gold class
+    recs = [{"id": str(i), "prediction": int(p), "gold": int(g)} for i, (p, g) in enumerate(zip(preds, golds))]
+    ids = [r["id"] for r in recs]
+    expected = classification_metrics(list(preds), list(golds), 3)
+    for metric, key in (("test_f1", "f1"), ("test_accuracy", "accuracy")):
+        stats = report.item_statistics("nusax", metric, recs, ids)
+        assert float(report.metric_from_sums(metric, stats.sum(axis=0), 400)) == pytest.approx(expected[key],
+                                                                                                abs=1e-12)
+
+
+def test_item_bootstrap_known_answer_and_shared_draw():
+    """Row right on every item, baseline wrong on the same 20 of 400 items in every language: accuracy difference
+    0.05, whose item-level standard error is sqrt(0.05 * 0.95 / 400) = 0.0109. The draw of items is shared by every
+    language, so four identical languages give the interval of one (pairs resampled as if independent would
+    shrink it by half, and resampling the identical pairs would give no width at all)."""
+    golds = [i % 3 for i in range(400)]
+    base = [(g + 1) % 3 if i < 20 else g for i, g in enumerate(golds)]
+    one = report.item_bootstrap("nusax", "test_accuracy", [(_recs(golds, golds), _recs(base, golds))])
+    four = report.item_bootstrap("nusax", "test_accuracy", [(_recs(golds, golds), _recs(base, golds))] * 4)
+    assert one["mean"] == pytest.approx(0.05) and one["items"] == 400
+    se = math.sqrt(0.05 * 0.95 / 400)
+    assert one["ci"][0] == pytest.approx(0.05 - 1.96 * se, abs=0.004)
+    assert one["ci"][1] == pytest.approx(0.05 + 1.96 * se, abs=0.004)
+    assert four["ci"] == pytest.approx(one["ci"]) and one["p"] == pytest.approx(2 / 10001)
+    # no difference: a zero-width interval at 0 and p = 1
+    same = report.item_bootstrap("nusax", "test_f1", [(_recs(base, golds), _recs(base, golds))])
+    assert same["mean"] == 0 and same["ci"] == (0.0, 0.0) and same["p"] == 1.0
+    # items are matched by id, not by line: a shuffled file is the same run
+    order = list(reversed(range(400)))
+    shuffled = [_recs(golds, golds)[i] for i in order]
+    assert report.item_bootstrap("nusax", "test_accuracy", [(shuffled, _recs(base, golds))]) == one
+
+
+def _recs(preds, golds):
+    return [{"id": str(i), "prediction": p, "gold": g} for i, (p, g) in enumerate(zip(preds, golds))]
+
+
+def test_flare_vs_baselines_item_bootstrap_and_holm_in_the_table(tmp_path):
     root = tmp_path / "res"
     rng = np.random.default_rng(1)
+    golds = list(rng.integers(0, 3, 200))
     for lang in ("jav", "sun", "ace"):
-        for seed in (1, 2, 3, 4):
-            base = 0.6 + 0.05 * rng.random()
-            _run(root, "translate-train", lang, seed, base, acc=base + 0.01)
-            _run(root, "flare", lang, seed, base + 0.02 + 0.01 * rng.random(), fn="add_relu", acc=base)
-            # input fusion: as good as FLARE on average, up and down
-            _run(root, "input-fusion", lang, seed, base + 0.025 + (0.03 if seed % 2 else -0.03))
-    _run(root, "flare", "jav", 1, 0.5, fn="mul")  # one pair only: still reported, with n = 1
+        for seed in (1, 2, 3):
+            lora = [g if rng.random() < 0.6 else (g + 1) % 3 for g in golds]
+            _predicted_run(root, "translate-train", lang, seed, lora, golds)
+            better = [g if rng.random() < 0.85 else p for g, p in zip(golds, lora)]
+            _predicted_run(root, "flare", lang, seed, better, golds, fn="add_relu")
+            # input fusion: FLARE with 4 right items made wrong and 4 wrong ones made right (as good, other items)
+            right = [i for i, (p, g) in enumerate(zip(better, golds)) if p == g][:4]
+            wrong = [i for i, (p, g) in enumerate(zip(better, golds)) if p != g][:4]
+            swapped = [(g + 1) % 3 if i in right else g if i in wrong else p
+                       for i, (p, g) in enumerate(zip(better, golds))]
+            _predicted_run(root, "input-fusion", lang, seed, swapped, golds)
     table = report.build_tables(report.load_results(root))[("nusax", "m")]
     rows = {(s["row"], s["baseline"]): s for s in report.significance(table, "test_f1")}
     vs_lora = rows[(("flare", "add_relu"), ("translate-train", None))]
-    assert vs_lora["n"] == 12 and vs_lora["wins"] == 12 and vs_lora["losses"] == 0
-    assert vs_lora["p_sign"] == pytest.approx(2 / 2 ** 12)
-    assert 0.02 <= vs_lora["mean"] <= 0.03 and vs_lora["ci"][0] > 0.02 and vs_lora["ci"][1] < 0.03
     diffs = [d for _, _, d in report.paired(table, "test_f1", ("flare", "add_relu"), ("translate-train", None))]
-    assert vs_lora["mean"] == pytest.approx(np.mean(diffs))
+    assert vs_lora["n"] == 9 and vs_lora["wins"] == 9 and vs_lora["mean"] == pytest.approx(np.mean(diffs))
+    assert vs_lora["ci"][0] > 0.1 and vs_lora["p_holm"] == pytest.approx(2 * vs_lora["p"])  # two comparisons
     vs_input = rows[(("flare", "add_relu"), ("input-fusion", None))]
-    assert vs_input["n"] == 12 and vs_input["ci"][0] < 0 < vs_input["ci"][1]
-    assert rows[(("flare", "mul"), ("translate-train", None))]["n"] == 1
+    assert vs_input["ci"][0] < 0 < vs_input["ci"][1] and vs_input["p_holm"] > 0.05
     md = report.markdown("nusax", "m", table)
-    assert "| FLARE (add_relu) − Translate-train LoRA | 12 |" in md and "better (interval above 0)" in md
-    assert "| FLARE (add_relu) − Input-level fusion | 12 |" in md and "not distinguishable" in md
-    # the accuracy table follows the macro-F1 table; rows without accuracy show a dash
+    assert "| FLARE (add_relu) − Translate-train LoRA | 9 |" in md and "| better |" in md
+    assert "| FLARE (add_relu) − Input-level fusion | 9 |" in md and "not distinguishable" in md
+    assert "mean over seeds [1, 2, 3], ± std over them" in md and " ± " in md.split("| ace |")[1].split("\n")[2]
+    # the accuracy table follows the macro-F1 table
     assert md.index("· macro-F1 (") < md.index("· accuracy (")
-    assert "| Input-level fusion | – | – | – | – |" in md.split("· accuracy (")[1]
+
+
+def test_translate_test_with_one_input_for_every_language_is_shown_apart(tmp_path):
+    """Translate-test on the human English is the English model on one test set: identical predictions in every
+    language; it is shown as one value, not as a row of languages (nor averaged as four results). With per-language
+    MT its predictions differ and it is a row like the others. Fewer than 3 seeds: means without ±."""
+    golds = [i % 3 for i in range(60)]
+    for root, varies in ((tmp_path / "oracle", False), (tmp_path / "mt", True)):
+        for k, lang in enumerate(("jav", "sun")):
+            for seed in (1, 2):
+                preds = [(g + 1) % 3 if i < 10 + (k * 5 if varies else 0) else g for i, g in enumerate(golds)]
+                _predicted_run(root, "translate-test", lang, seed, preds, golds)
+                _predicted_run(root, "translate-train", lang, seed, golds, golds)
+        table = report.build_tables(report.load_results(root))[("nusax", "m")]
+        md = report.markdown("nusax", "m", table)
+        first_table = md.split("| mode |")[1].split("\n\n")[0]
+        assert ("| Translate-test |" in first_table) == varies
+        assert ("Translate-test: 83.33. Not a row of the table" in md) != varies
+        assert "no ± with fewer than 3 seeds" in md and " ± " not in first_table
+        report.write_report({("nusax", "m"): table}, tmp_path / f"rep-{varies}")
 
 
 def test_cost_table_and_study_budget(tmp_path):
@@ -95,9 +158,9 @@ def test_cost_table_and_study_budget(tmp_path):
     # an unfinished study lists what its study.json declares but has no results for: seed 4, and Sundanese
     missing = md.split("Missing for a full table (10): ")[1].strip().split("; ")
     assert "Translate-train LoRA / jav / seed 4" in missing and "Zero-shot / sun / seed 1" in missing
-    assert len(missing) == 10 and "| Zero-shot | 60.00 ± 0.00 | – | – |" in md
-    assert "| Translate-train LoRA | 296,451 | 3 | 11 [10–14] | 3.0 [3.0–3.0] |" in md
-    assert "| Zero-shot | 0 | – (no training) | – | 2.0 [2.0–2.0] |" in md
+    assert len(missing) == 10 and "| Zero-shot | 60.00 ± 0.00 | – | – |" in md  # 3 seeds: ± shown
+    assert "| Translate-train LoRA | 296,451 | 3 | 11 [10–14] | 4 [3–5] | 3.0 [3.0–3.0] |" in md
+    assert "| Zero-shot | 0 | – (no training) | – | – | 2.0 [2.0–2.0] |" in md
     assert "| Translate-train LoRA | 81.00 | 84.00 | 84.00 | 3 |" in md
     assert "| FLARE (add_relu) | 80.00 | 82.00 | 85.00 | 6 |" in md
 

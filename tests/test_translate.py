@@ -178,6 +178,91 @@ def test_reference_refuses_tydiqa(tmp_path, capsys):
     assert "TyDiQA is not parallel" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- lexical (statistical) MT backend
+def _lexical(out, src, tgt, *extra, data=DATA):
+    assert run_translate.main(["--task", "nusax", "--source_lang", src, "--target_lang", tgt, "--model", "lexical",
+                               "--data_dir", str(data), "--output_dir", str(out), *extra]) == 0
+    folder = Path(out) / "nusax" / f"translate-{tgt}-lexical"
+    return folder, json.loads((folder / "meta.json").read_text())
+
+
+def test_lexical_mt_files_scores_and_not_the_human_translation(tmp_path):
+    """Both directions write the files every stage-2 mode reads; meta.json records the training data and chrF/BLEU
+    against the human translation; the output is real MT (far from the human text), punctuation kept."""
+    folder, meta = _lexical(tmp_path, "en", "jav")
+    for split in ("train", "validation", "test"):
+        df = pd.read_parquet(folder / f"{tr.SPLIT_FILE[split]}_en-jav.parquet")
+        assert list(df.columns) == ["id", "text", "label", "text_translated", "language"]
+        assert list(df["text"]) == list(load_task("nusax", "en", split, DATA)["text"])
+        human = list(load_task("nusax", "jav", split, DATA)["text"])
+        assert sum(a == b for a, b in zip(df["text_translated"], human)) == 0
+        entry = meta["splits"][tr.SPLIT_FILE[split]]
+        assert entry["trained_on"]["split"] == "train" and entry["trained_on"]["training_pairs"] == 500
+        assert entry["against_human"]["in_sample"] == (split == "train")
+        assert 15 < entry["against_human"]["chrf"] < 60 and 0 <= entry["against_human"]["bleu"] < 20
+    back, meta = _lexical(tmp_path, "jav", "en", "--splits", "test")
+    df = pd.read_parquet(back / "test_jav-en.parquet")
+    assert list(df["text"]) == list(load_task("nusax", "jav", "test", DATA)["text"])
+    assert 20 < meta["splits"]["test"]["against_human"]["chrf"] < 40  # measured 28.8
+    assert meta["model"] == "lexical" and meta["nllb_target"] is None and meta["fallback_warnings"] == []
+    # an exclamation mark and a comma survive, and the learned lexicon translates frequent words
+    assert df["text_translated"].str.contains("!").any() and df["text_translated"].str.contains(",").any()
+    from flare.lexical_mt import LexicalTranslator
+
+    toy = LexicalTranslator(["aku mangan sega", "aku turu", "sega enak"], ["i eat rice", "i sleep", "rice tasty"])
+    assert toy.translate_text("Aku mangan, sega!") == "I eat, rice!"
+    assert toy.translate_text("wedhus mangan") == "Wedhus eat"  # an unknown word is copied
+
+
+def test_lexical_mt_learns_from_the_training_split_only(tmp_path):
+    """Whatever split it translates, the model reads only the TRAINING pairs: garbling the English validation and
+    test files (the human side of jav -> en) changes none of its test translations, only the scores against them."""
+    import shutil
+
+    data = tmp_path / "data" / "nusax"
+    for lang in ("english", "javanese"):
+        shutil.copytree(Path(DATA) / "nusax" / lang, data / lang)
+    for split in ("valid", "test"):
+        path = data / "english" / f"{split}.csv"
+        df = pd.read_csv(path)
+        df["text"] = ["zzz " + " ".join(reversed(t.split())) for t in df["text"]]
+        df.to_csv(path, index=False)
+    clean, meta_clean = _lexical(tmp_path / "a", "jav", "en", "--splits", "validation", "test")
+    garbled, meta_garbled = _lexical(tmp_path / "b", "jav", "en", "--splits", "validation", "test",
+                                     data=tmp_path / "data")
+    for name in ("val_jav-en.parquet", "test_jav-en.parquet"):
+        assert pd.read_parquet(clean / name).equals(pd.read_parquet(garbled / name))
+    assert meta_garbled["splits"]["test"]["against_human"]["chrf"] < meta_clean["splits"]["test"]["against_human"][
+        "chrf"]
+    assert "zzz" not in " ".join(pd.read_parquet(garbled / "test_jav-en.parquet")["text_translated"]).lower()
+
+
+def test_lexical_mt_is_deterministic_across_processes(tmp_path):
+    """Two processes with different hash seeds (set and dict order) write byte-identical translations."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        subprocess.run([sys.executable, str(Path(run_translate.__file__)), "--task", "nusax", "--source_lang", "sun",
+                        "--target_lang", "en", "--model", "lexical", "--data_dir", DATA, "--output_dir", str(out),
+                        "--splits", "test"], check=True, env=dict(os.environ, PYTHONHASHSEED=hash_seed),
+                       capture_output=True)
+        outs.append(pd.read_parquet(out / "nusax" / "translate-en-lexical" / "test_sun-en.parquet"))
+    assert outs[0].equals(outs[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lang", ["ace", "ban", "bbc", "bjn", "bug", "ind", "jav", "mad", "min", "nij", "sun"])
+def test_lexical_mt_every_nusax_language(tmp_path, lang):
+    folder, meta = _lexical(tmp_path, "en", lang, "--splits", "test")
+    assert 10 < meta["splits"]["test"]["against_human"]["chrf"] < 70
+    back, meta = _lexical(tmp_path, lang, "en", "--splits", "test")
+    assert 10 < meta["splits"]["test"]["against_human"]["chrf"] < 70
+
+
 # ---------------------------------------------------------------- the tiny NLLB model, every task
 @pytest.mark.parametrize("task,tgt,cols", [
     ("xnli", "es", ["premise", "hypothesis", "label", "premise_translated", "hypothesis_translated", "language"]),

@@ -2,12 +2,16 @@
 
 Reads every ``results_zs.json`` / ``results_test.json`` of stage 2 under a folder and writes, per task and model,
 the table the paper shows: rows = modes (zero-shot, translate-test, translate-train LoRA, input-level fusion, FLARE
-per fusion function, FLARE MT), columns = target languages + average, cells = mean ± std over seeds of the task's
-metric (XNLI accuracy, NusaX macro-F1 then accuracy, TyDiQA exact match then F1; x100). Then:
+per fusion function, FLARE MT), columns = target languages + average, cells = the mean over seeds of the task's
+metric (± std with at least 3 seeds; XNLI accuracy, NusaX macro-F1 then accuracy, TyDiQA exact match then F1; x100).
+A row whose predictions are the same in every language (translate-test on the human English of a parallel corpus) is
+shown apart, as one value, not averaged as languages. Then:
 
-- significance: every FLARE / FLARE MT row minus translate-train LoRA and minus input-level fusion, paired per
-  (language, seed): the mean difference, a 95 % percentile-bootstrap interval (fixed seed) and an exact sign test;
-- cost: trainable parameters, epochs and the measured training / test times per mode (median [min–max]);
+- significance: every FLARE / FLARE MT row minus translate-train LoRA and minus input-level fusion: the mean over
+  (language, seed) pairs of the difference, a 95 % interval and p-value from a paired bootstrap over TEST ITEMS (one
+  draw of items shared by every language and seed, fixed seed), and Holm's correction over the table's comparisons;
+- cost: trainable parameters, epochs and the measured training / test times per mode (median [min–max]), and the
+  training time per epoch;
 - for a study folder (``study.json``, see ``scripts/embedded_nusax_study.py``): the training budget chosen on
   validation data and the scores behind it (the budget runs themselves are not rows of the tables);
 - the runs missing for a full grid (every mode x language x seed seen for that task and model).
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -61,7 +64,8 @@ def load_results(root: Path) -> list[dict]:
     """Stage-2 results (not stage 1, not English->English checks) under ``root``; a study's budget-selection runs
     (the folder its ``study.json`` names) are not part of its tables."""
     study = load_study(root)
-    skip = root / study["selection"]["folder"] if study and study.get("selection") else None
+    folder = ((study or {}).get("selection") or {}).get("folder")  # None: the budgets were kept from another study
+    skip = root / folder if folder else None
     out = []
     for path in sorted(root.rglob("results_*.json")):
         if "checkpoint-" in str(path.parent.name) or (skip is not None and skip in path.parents):
@@ -77,13 +81,36 @@ def load_results(root: Path) -> list[dict]:
     return out
 
 
+MIN_SEEDS_FOR_STD = 3  # a standard deviation of two values is too rough to print
+
+
 def fmt(values: list[float], scale: float = 100, digits: int = 2) -> str:
+    """Mean over seeds; ± the standard deviation only with at least MIN_SEEDS_FOR_STD seeds."""
     if not values:
         return "–"
     mean = scale * float(np.mean(values))
-    if len(values) == 1:
+    if len(values) < MIN_SEEDS_FOR_STD:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
+
+
+def same_input_for_every_language(runs: dict, row: tuple, langs: list[str], seeds: list[int]) -> bool:
+    """True when a row's predictions are identical in every language for every seed: its input is the same test
+    set (translate-test on a parallel corpus with the human English, which IS the English test set), so it is one
+    result per seed, not one per language."""
+    if len(langs) < 2:
+        return False
+    for seed in seeds:
+        preds = []
+        for lang in langs:
+            res = runs.get((row, lang, seed))
+            recs = predictions_of(res) if res is not None else None
+            if recs is None:
+                return False
+            preds.append(sorted((str(r["id"]), json.dumps(r["prediction"])) for r in recs))
+        if any(p != preds[0] for p in preds[1:]):
+            return False
+    return True
 
 
 def build_tables(results: list[dict], study: dict | None = None) -> dict:
@@ -108,7 +135,10 @@ def build_tables(results: list[dict], study: dict | None = None) -> dict:
         grid_seeds = sorted(g["seeds"] | set(study["seeds"] if declared else ()))
         missing = [f"{row_label(r)} / {lang} / seed {s}" for r in rows for lang in langs for s in grid_seeds
                    if (r, lang, s) not in g["runs"]]
-        tables[(task, plm)] = dict(rows=rows, langs=langs, runs=g["runs"], seeds=sorted(g["seeds"]), missing=missing)
+        apart = [r for r in rows if r[0] == "translate-test"
+                 and same_input_for_every_language(g["runs"], r, sorted(g["langs"]), sorted(g["seeds"]))]
+        tables[(task, plm)] = dict(rows=rows, langs=langs, runs=g["runs"], seeds=sorted(g["seeds"]), missing=missing,
+                                   apart=apart)
     return tables
 
 
@@ -125,6 +155,8 @@ def table_rows(table: dict, metric: str) -> list[list[str]]:
     values = cells(table, metric)
     out = []
     for r in table["rows"]:
+        if r in table.get("apart", ()):
+            continue  # shown below the table (apart_markdown)
         row = [fmt(values.get((r, lang), [])) for lang in table["langs"]]
         # average over languages of the per-language seed means (only when every language has a value)
         means = [float(np.mean(values[(r, lang)])) for lang in table["langs"] if values.get((r, lang))]
@@ -134,23 +166,89 @@ def table_rows(table: dict, metric: str) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------- significance
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test (binomial, p = 1/2) on the non-tied pairs."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+# The test sets of a parallel corpus (NusaX) are translations of the same items, so one item's predictions in every
+# language and seed are not independent draws: the unit of resampling is the ITEM. One bootstrap replicate draws the
+# test items with replacement (multinomial counts W over the item ids) and applies the same draw to every run of
+# the comparison; each run's metric is recomputed from W-weighted per-item statistics (exact: W = 1 gives the
+# recorded metric) and the replicate's statistic is the mean over (language, seed) of row - baseline.
+def predictions_of(res: dict) -> list[dict] | None:
+    """The ``predictions_*.jsonl`` beside a result file (None when it is absent)."""
+    path = Path(res["_path"])
+    pred = path.with_name(path.name.replace("results_", "predictions_", 1)).with_suffix(".jsonl")
+    if not pred.is_file():
+        return None
+    return [json.loads(line) for line in pred.read_text().splitlines() if line.strip()]
 
 
-def bootstrap_ci(diffs: list[float], n_boot: int = N_BOOTSTRAP, level: float = 0.95, seed: int = 0) -> tuple:
-    """Percentile bootstrap interval of the mean of ``diffs`` (pairs resampled with replacement; fixed seed, so a
-    report is reproducible)."""
-    d = np.asarray(diffs, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
-    means = d[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(lo), float(hi)
+def item_statistics(task: str, metric: str, records: list[dict], ids: list[str]) -> np.ndarray:
+    """(items, k) per-item statistics whose weighted sums give ``metric`` (see :func:`metric_from_sums`), rows in
+    the order of ``ids``."""
+    from flare.config import TASKS
+
+    by_id = {str(r["id"]): r for r in records}
+    rows = [by_id[i] for i in ids]
+    if TASKS[task].kind == "qa":
+        from flare.metrics import exact_match_score, f1_score_text
+
+        score = exact_match_score if metric.endswith("exact_match") else f1_score_text
+        return np.array([[max(score(str(r["prediction"]), g) for g in r["gold"])] for r in rows], dtype=float)
+    pred = np.array([int(r["prediction"]) for r in rows])
+    gold = np.array([int(r["gold"]) for r in rows])
+    if metric.endswith("accuracy"):
+        return (pred == gold).astype(float)[:, None]
+    cols = []
+    for c in range(len(TASKS[task].labels)):  # macro-F1 over the task's classes: tp, fp, fn per class
+        cols += [(pred == c) & (gold == c), (pred == c) & (gold != c), (pred != c) & (gold == c)]
+    return np.stack(cols, axis=1).astype(float)
+
+
+def metric_from_sums(metric: str, sums: np.ndarray, n: int) -> np.ndarray:
+    """The metric from weighted sums of :func:`item_statistics` (``sums``: (..., k)); macro-F1 as sklearn computes
+    it with ``zero_division=0``."""
+    if sums.shape[-1] == 1:
+        return sums[..., 0] / n
+    tp, fp, fn = sums[..., 0::3], sums[..., 1::3], sums[..., 2::3]
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return f1.mean(axis=-1)
+
+
+def item_bootstrap(task: str, metric: str, pairs: list[tuple[list[dict], list[dict]]], n_boot: int = N_BOOTSTRAP,
+                   seed: int = 0) -> dict:
+    """Paired bootstrap over test items of mean(row - baseline) over ``pairs`` ((row records, baseline records) per
+    language and seed). Items are matched by id across all runs; one draw of items per replicate, shared by every
+    run. Returns the observed mean difference, the 95 % percentile interval and the two-sided bootstrap p-value."""
+    ids = sorted(set.intersection(*({str(r["id"]) for r in recs} for pair in pairs for recs in pair)))
+    if not ids:
+        raise ValueError("the runs of a comparison share no test item ids")
+    n = len(ids)
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+    observed, replicates = [], np.zeros(n_boot)
+    for row_recs, base_recs in pairs:
+        diff_obs, diff_boot = 0.0, 0.0
+        for sign, recs in ((1.0, row_recs), (-1.0, base_recs)):
+            stats = item_statistics(task, metric, recs, ids)
+            diff_obs = diff_obs + sign * float(metric_from_sums(metric, stats.sum(axis=0), n))
+            diff_boot = diff_boot + sign * metric_from_sums(metric, weights @ stats, n)
+        observed.append(diff_obs)
+        replicates += diff_boot
+    replicates /= len(pairs)
+    lo, hi = np.percentile(replicates, [2.5, 97.5])
+    # two-sided: twice the smaller tail of the replicates beyond 0 (with the +1 of a proper Monte-Carlo p-value)
+    tail = min(int((replicates <= 0).sum()), int((replicates >= 0).sum()))
+    p = min(1.0, 2 * (tail + 1) / (n_boot + 1))
+    return dict(mean=float(np.mean(observed)), ci=(float(lo), float(hi)), p=p, items=n)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error) of ``pvalues``, in their order."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def paired(table: dict, metric: str, a: tuple, b: tuple) -> list[tuple[str, int, float]]:
@@ -162,44 +260,55 @@ def paired(table: dict, metric: str, a: tuple, b: tuple) -> list[tuple[str, int,
             and metric in runs[(a, lang, seed)] and metric in runs[(b, lang, seed)]]
 
 
-def significance(table: dict, metric: str) -> list[dict]:
-    """Every FLARE / FLARE MT row against translate-train LoRA and input-level fusion: the paired per-(language,
-    seed) differences, their mean, a 95 % bootstrap interval and a sign test."""
+def significance(table: dict, metric: str, task: str | None = None) -> list[dict]:
+    """Every FLARE / FLARE MT row against translate-train LoRA and input-level fusion: the per-(language, seed)
+    differences (counted better / worse), their mean, the item-level bootstrap interval and p-value, and Holm's
+    correction over all comparisons of the table. Comparisons whose runs lack predictions files are skipped."""
+    task = task or next(iter(table["runs"].values()))["task"]
     out = []
     for r in table["rows"]:
         if r[0] not in ("flare", "flare-mt"):
             continue
         for base in BASELINES:
-            diffs = [d for _, _, d in paired(table, metric, r, base)]
-            if not diffs:
+            triples = paired(table, metric, r, base)
+            if not triples:
                 continue
+            recs = [(predictions_of(table["runs"][(r, lang, seed)]), predictions_of(table["runs"][(base, lang, seed)]))
+                    for lang, seed, _ in triples]
+            if any(a is None or b is None for a, b in recs):
+                logger.warning("%s - %s: predictions missing, no item bootstrap", row_label(r), row_label(base))
+                continue
+            diffs = [d for _, _, d in triples]
+            boot = item_bootstrap(task, metric, recs)
             wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            lo, hi = bootstrap_ci(diffs)
-            out.append(dict(row=r, baseline=base, n=len(diffs), mean=float(np.mean(diffs)), ci=(lo, hi), wins=wins,
-                            losses=losses, ties=len(diffs) - wins - losses, p_sign=sign_test(wins, losses)))
+            out.append(dict(row=r, baseline=base, n=len(diffs), mean=float(np.mean(diffs)), ci=boot["ci"],
+                            p=boot["p"], items=boot["items"], wins=wins, losses=losses,
+                            ties=len(diffs) - wins - losses))
+    for s, adjusted in zip(out, holm([s["p"] for s in out])):
+        s["p_holm"] = adjusted
     return out
 
 
-def verdict(ci: tuple[float, float]) -> str:
-    if ci[0] > 0:
-        return "better (interval above 0)"
-    if ci[1] < 0:
-        return "worse (interval below 0)"
-    return "not distinguishable (interval contains 0)"
+def verdict(s: dict, alpha: float = 0.05) -> str:
+    if s["p_holm"] >= alpha:
+        return "not distinguishable"
+    return "better" if s["mean"] > 0 else "worse"
 
 
 def significance_markdown(task: str, table: dict) -> list[str]:
-    rows = significance(table, METRIC[task])
+    rows = significance(table, METRIC[task], task)
     if not rows:
         return []
-    lines = ["", f"Paired differences (row − baseline, {METRIC_NAME[task]} ×100, one pair per language and seed; "
-                 f"{N_BOOTSTRAP} bootstrap resamples of the pairs, two-sided exact sign test):", "",
-             "| comparison | pairs | mean difference | 95 % bootstrap CI | better / worse / tied | sign test p | "
-             "judged by the interval |", "|---|---|---|---|---|---|---|"]
+    lines = ["", f"Paired differences (row − baseline, {METRIC_NAME[task]} ×100, averaged over the (language, seed) "
+                 f"pairs both rows ran; {N_BOOTSTRAP} bootstrap resamples of the {rows[0]['items']} TEST ITEMS, one "
+                 "draw shared by every language and seed; Holm's correction over the table's comparisons; judged at "
+                 "Holm p < 0.05):", "",
+             "| comparison | pairs | mean difference | 95 % CI (items resampled) | better / worse / tied pairs | "
+             "p | Holm p | judged |", "|---|---|---|---|---|---|---|---|"]
     for s in rows:
         lines.append(f"| {row_label(s['row'])} − {row_label(s['baseline'])} | {s['n']} | {100 * s['mean']:+.2f} | "
                      f"[{100 * s['ci'][0]:+.2f}, {100 * s['ci'][1]:+.2f}] | {s['wins']} / {s['losses']} / "
-                     f"{s['ties']} | {s['p_sign']:.3g} | {verdict(s['ci'])} |")
+                     f"{s['ties']} | {s['p']:.2g} | {s['p_holm']:.2g} | {verdict(s)} |")
     return lines
 
 
@@ -215,17 +324,20 @@ def median_range(values: list[float], digits: int) -> str:
 def cost_markdown(table: dict) -> list[str]:
     """Trainable parameters, training budget and measured wall-clock times per row (over its runs)."""
     lines = ["", "Cost per mode (every run of the row; wall-clock seconds, median [min–max], on the machine that ran "
-                 "it):", "", "| mode | trainable parameters | epochs | training time (s) | test evaluation time (s) |",
-             "|---|---|---|---|---|"]
+                 "it; per epoch = training time / epochs, to compare rows trained for different budgets):", "",
+             "| mode | trainable parameters | epochs | training time (s) | per epoch (s) | test evaluation time (s) |",
+             "|---|---|---|---|---|---|"]
     for r in table["rows"]:
         runs = [res for (row, _, _), res in table["runs"].items() if row == r]
         params = sorted({int(res["param_train"]) for res in runs if "param_train" in res})
         trains = [res for res in runs if "train_runtime" in res]
         epochs = sorted({res.get("args", {}).get("epochs") for res in trains} - {None})
-        lines.append("| {} | {} | {} | {} | {} |".format(
+        per_epoch = [res["train_runtime"] / res["args"]["epochs"] for res in trains
+                     if res.get("args", {}).get("epochs") and not res["args"].get("max_steps")]
+        lines.append("| {} | {} | {} | {} | {} | {} |".format(
             row_label(r), " / ".join(f"{p:,}" for p in params) or "–",
             " / ".join(str(e) for e in epochs) if trains else "– (no training)",
-            median_range([res["train_runtime"] for res in trains], 0),
+            median_range([res["train_runtime"] for res in trains], 0), median_range(per_epoch, 0),
             median_range([res["test_runtime"] for res in runs if "test_runtime" in res], 1)))
     return lines
 
@@ -236,8 +348,9 @@ def budget_markdown(study: dict | None) -> list[str]:
     if not sel:
         return []
     budgets = [str(b) for b in sel["budgets"]]
+    kept = f", kept from the study in {sel['kept_from']}" if sel.get("kept_from") else ""
     lines = ["", f"Training budget (epochs of stage 2), chosen per mode on {sel['language']} VALIDATION data "
-                 f"(seed {sel['seed']}; {sel['metric']}, ×100; a tie goes to the smaller budget):", "",
+                 f"(seed {sel['seed']}; {sel['metric']}, ×100; a tie goes to the smaller budget){kept}:", "",
              "| mode | " + " | ".join(f"{b} epoch{'s' if b != '1' else ''}" for b in budgets) + " | chosen |",
              "|---|" + "---|" * (len(budgets) + 1)]
     for name, c in sel["chosen"].items():
@@ -255,15 +368,36 @@ def markdown(task: str, plm: str, table: dict, study: dict | None = None) -> str
         if not any(metric in res for res in table["runs"].values()):
             continue
         lines += ([] if i == 0 else [""]) + [
-            f"### {task} · {plm} · {name} (×100; mean ± std over seeds {table['seeds']})", "",
+            f"### {task} · {plm} · {name} ({seeds_note(table)})", "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in table_rows(table, metric)]
+        lines += apart_markdown(table, metric)
     lines += significance_markdown(task, table)
     lines += cost_markdown(table)
     lines += budget_markdown(study)
     if table["missing"]:
         lines += ["", f"Missing for a full table ({len(table['missing'])}): " + "; ".join(table["missing"])]
     return "\n".join(lines) + "\n"
+
+
+def seeds_note(table: dict) -> str:
+    seeds = table["seeds"]
+    few = f"; no ± with fewer than {MIN_SEEDS_FOR_STD} seeds"
+    spread = ", ± std over them" if len(seeds) >= MIN_SEEDS_FOR_STD else few
+    return f"×100; mean over seeds {seeds}{spread}"
+
+
+def apart_markdown(table: dict, metric: str) -> list[str]:
+    """The rows whose input is the same for every language, as one value per seed set (not averaged as languages)."""
+    lines = []
+    values = cells(table, metric)
+    for r in table.get("apart", ()):
+        v = values.get((r, table["langs"][0]), [])
+        if v:
+            lines += ["", f"{row_label(r)}: {fmt(v)}. Not a row of the table: its predictions are the same in every "
+                          "language (the input is one English test set, the human translation of the items), so it "
+                          "is one result per seed, not one per language."]
+    return lines
 
 
 def csv_text(task: str, plm: str, table: dict) -> str:
@@ -291,18 +425,24 @@ def plot(task: str, plm: str, table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    langs, rows = table["langs"], table["rows"]
+    langs = table["langs"]
+    rows = [r for r in table["rows"] if r not in table.get("apart", ())]
     values = cells(table, METRIC[task])
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(langs) + 2) + 2, 4))
     x = np.arange(len(langs))
     for i, r in enumerate(rows):
         means = [100 * float(np.mean(values.get((r, lang)) or [np.nan])) for lang in langs]
-        # std bars only where there are >= 2 seeds (a single seed has no spread to show)
-        errs = np.array([100 * float(np.std(v, ddof=1)) if len(v := values.get((r, lang), [])) > 1
+        # std bars only where the table prints a std (>= MIN_SEEDS_FOR_STD seeds)
+        errs = np.array([100 * float(np.std(v, ddof=1)) if len(v := values.get((r, lang), [])) >= MIN_SEEDS_FOR_STD
                          else np.nan for lang in langs])
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, label=row_label(r), capsize=2,
                yerr=errs if np.isfinite(errs).any() else None)
+    for r in table.get("apart", ()):  # one value for every language: a line, not bars
+        v = values.get((r, langs[0]), [])
+        if v:
+            ax.axhline(100 * float(np.mean(v)), color="black", linestyle="--", linewidth=1,
+                       label=f"{row_label(r)} (same input in every language)")
     ax.set_xticks(x, langs)
     ax.set_ylim(0, 100)
     ax.set_ylabel(f"{METRIC_NAME[task]} (×100)")

@@ -26,11 +26,19 @@ import pandas as pd
 
 from flare.config import TASKS, resolve_model
 from flare.data import load_task
-from flare.data.layout import (META_FILE, SPLIT_FILE, TRANSLATED_SPLITS, mt_name, split_file, translated,
-                               translation_folder)
+from flare.data.layout import (
+    META_FILE,
+    SPLIT_FILE,
+    TRANSLATED_SPLITS,
+    mt_name,
+    split_file,
+    translated,
+    translation_folder,
+)
 from flare.errors import FlareError
 from flare.files import atomic_write
 from flare.languages import nllb_code, resolve
+from flare.lexical_mt import scores as lexical_scores
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,7 @@ FIELDS = {task: info.text_fields for task, info in TASKS.items()}  # the fields 
 SPLITS = TRANSLATED_SPLITS
 MARK = '"'  # answer marker for span projection (the original's choice); removed from every QA text first
 CHUNK = 256  # unique strings per resumable chunk
+OFFLINE_BACKENDS = ("reference", "lexical")  # no NLLB: the human translation, the statistical MT of flare.lexical_mt
 TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model", "spm.model")
 
 
@@ -232,24 +241,53 @@ def translate_split(task: str, ds: datasets.Dataset, translate: Callable[[str, l
     return df, counts
 
 
-def reference_split(task: str, src: str, tgt: str, split: str, data_dir: str | Path | None,
-                    source: datasets.Dataset) -> pd.DataFrame:
-    """The human translation of a parallel corpus as the ``_translated`` columns (oracle MT)."""
+def parallel_target(task: str, src: str, tgt: str, split: str, data_dir: str | Path | None,
+                    source: datasets.Dataset, backend: str = "reference") -> datasets.Dataset:
+    """The ``tgt`` rows of ``split`` that are the human translation of ``source``'s rows (same order), checked."""
     if task == "tydiqa":
-        raise TranslationError("--model reference needs a human-parallel corpus: NusaX (same id) or XNLI (same "
+        raise TranslationError(f"--model {backend} needs a human-parallel corpus: NusaX (same id) or XNLI (same "
                                "line); TyDiQA is not parallel. Use an NLLB model for TyDiQA.")
     target = load_task(task, tgt, split, data_dir)
-    df = source.to_pandas()
-    if len(target) != len(source):
+    if len(target) < len(source):
         raise TranslationError(f"{task} {split}: {src} has {len(source)} rows but {tgt} has {len(target)}; the "
-                               "reference backend needs parallel files")
+                               f"{backend} backend needs parallel files")
+    target = target.select(range(len(source)))  # --max_samples cut the source
     if task == "nusax" and list(target["id"]) != list(source["id"]):
         raise TranslationError(f"nusax {split}: ids of {src} and {tgt} differ; the files are not parallel")
     if list(target["label"]) != list(source["label"]):
         raise TranslationError(f"{task} {split}: labels of {src} and {tgt} differ; the files are not parallel")
+    return target
+
+
+def reference_split(task: str, src: str, tgt: str, split: str, data_dir: str | Path | None,
+                    source: datasets.Dataset) -> pd.DataFrame:
+    """The human translation of a parallel corpus as the ``_translated`` columns (oracle MT)."""
+    target = parallel_target(task, src, tgt, split, data_dir, source)
+    df = source.to_pandas()
     for f in FIELDS[task]:
         df[translated(f)] = list(target[f])
     return df
+
+
+def train_lexical(task: str, src: str, tgt: str, data_dir: str | Path | None):
+    """The word-level statistical MT ``src -> tgt`` (flare.lexical_mt), trained on the TRAINING split's pairs only,
+    and what it was trained on (for meta.json)."""
+    from flare.lexical_mt import LexicalTranslator
+
+    try:
+        source = load_task(task, src, "train", data_dir)
+        target = parallel_target(task, src, tgt, "train", data_dir, source, backend="lexical")
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, TranslationError):
+            raise
+        raise TranslationError(f"--model lexical is trained on the parallel TRAINING split of {task} ({src} and "
+                               f"{tgt}), which could not be read: {e}") from e
+    pairs_src = [str(x) for f in FIELDS[task] for x in source[f]]
+    pairs_tgt = [str(x) for f in FIELDS[task] for x in target[f]]
+    model = LexicalTranslator(pairs_src, pairs_tgt)
+    trained_on = dict(task=task, split="train", source_lang=src, target_lang=tgt, data_dir=data_dir,
+                      rows=len(source), fields=list(FIELDS[task]), **model.describe())
+    return model, trained_on
 
 
 def _source(job, src: str, split: str) -> datasets.Dataset:
@@ -307,11 +345,13 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
     bad = [s for s in splits if s not in SPLITS[job.task]]
     if bad:
         raise TranslationError(f"--splits {bad}: {job.task} translates {list(SPLITS[job.task])}")
-    src_code, src_fallback = nllb_code(src, allow_fallback=not job.no_fallback)
-    tgt_code, tgt_fallback = nllb_code(tgt_lang.code, allow_fallback=not job.no_fallback)
+    nllb = job.model not in OFFLINE_BACKENDS
+    # NLLB's language codes (and its Indonesian fallback) matter only to NLLB
+    src_code, src_fallback = nllb_code(src, allow_fallback=not job.no_fallback or not nllb)
+    tgt_code, tgt_fallback = nllb_code(tgt_lang.code, allow_fallback=not job.no_fallback or not nllb)
     warnings = []
     for lang, fb in ((src, src_fallback), (tgt_lang.code, tgt_fallback)):
-        if fb and job.model != "reference":
+        if fb and nllb:
             msg = (f"NLLB has no {resolve(lang).name} ({lang}): using Indonesian (ind_Latn) instead, as the original "
                    "did. These 'translations' are Indonesian. Pass --no_fallback to refuse.")
             logger.warning("!!! %s", msg)
@@ -326,8 +366,10 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
     sources = {s: _source(job, src, s) for s in todo}  # fail early on missing data
     if job.max_samples:
         sources = {s: d.select(range(min(job.max_samples, len(d)))) for s, d in sources.items()}
-    translator = None
-    if job.model != "reference":
+    translator, lexical = None, None
+    if job.model == "lexical":
+        lexical, trained_on = train_lexical(job.task, src, tgt_lang.code, job.data_dir)
+    elif nllb:
         translator = translator_factory() if translator_factory else NLLBTranslator(
             job.model, device=job.device, max_length=job.max_length, batch_size=job.batch_size,
             num_beams=job.num_beams, bf16=job.bf16)
@@ -335,7 +377,8 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
         translator.check_code(tgt_code, "target")
     direction = f"{src}-{tgt_lang.code}"
     meta.update(task=job.task, source_lang=src, target_lang=tgt_lang.code, model=job.model,
-                nllb_source=src_code, nllb_target=tgt_code, fallback_warnings=warnings,
+                nllb_source=src_code if nllb else None, nllb_target=tgt_code if nllb else None,
+                fallback_warnings=warnings,
                 settings=dict(max_length=job.max_length, batch_size=job.batch_size, num_beams=job.num_beams,
                               bf16=job.bf16, device=job.device, data_dir=job.data_dir, max_samples=job.max_samples))
     meta.setdefault("splits", {})
@@ -345,6 +388,16 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
         if job.model == "reference":
             df, counts = reference_split(job.task, src, tgt_lang.code, split, job.data_dir, ds), {}
             stats.strings = len(ds) * len(FIELDS[job.task])
+        elif lexical is not None:
+            df, counts = translate_split(job.task, ds, lambda _field, texts: lexical.translate(texts))
+            stats.strings = len(ds) * len(FIELDS[job.task])
+            human = parallel_target(job.task, src, tgt_lang.code, split, job.data_dir, ds, backend="lexical")
+            hyp = [str(x) for f in FIELDS[job.task] for x in df[translated(f)]]
+            ref = [str(x) for f in FIELDS[job.task] for x in human[f]]
+            counts = dict(counts, trained_on=trained_on, against_human=dict(
+                **lexical_scores(hyp, ref), in_sample=split == "train",
+                note="the MT model was trained on this split" if split == "train" else
+                "the MT model never saw this split"))
         else:
             bar = tqdm(desc=f"{job.task} {split} {direction}", unit="str")
             waiting: list[str] = []  # fields with chunks of other shards still missing
