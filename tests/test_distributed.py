@@ -65,6 +65,41 @@ def test_the_quantised_model_is_placed_on_the_rank_gpu(monkeypatch):
     assert seen["device_map"] == {"": "cuda:3"}
 
 
+def test_a_plain_run_never_spreads_one_process_over_several_gpus(tmp_path, tiny_models):
+    """A plain ``python run.py`` where 4 GPUs are visible: transformers would set n_gpu = 4, multiply the batch by
+    4 and wrap the model in nn.DataParallel (FLARE's source states on GPU 0, hooks on replicas elsewhere). The
+    arguments both stages train with keep one process on one device: batch as given, no DataParallel."""
+    import torch
+    from transformers import Trainer
+    from transformers.training_args import ParallelMode
+
+    from flare import stage1
+
+    cfg = stage1.resolve_config(stage1.build_parser().parse_args(
+        ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"), "--batch_size", "4", "--device", "cpu",
+         "--seed", "1", "--output_dir", str(tmp_path), "--epochs", "1"]))
+    args = stages.training_arguments(cfg, 40, ("labels",), "f1")
+    _ = args.device
+    args._n_gpu = 4  # what TrainingArguments._setup_devices sets in a non-distributed process that sees 4 GPUs
+    assert args.n_gpu == 1 and args.train_batch_size == 4 and args.parallel_mode == ParallelMode.NOT_PARALLEL
+    assert args.max_steps == 10  # 40 examples / batch 4, one epoch
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=args, eval_dataset=[{"x": 0}])
+    assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
+
+
+def test_epoch_budget_counts_every_process(tmp_path, tiny_models, monkeypatch):
+    """--epochs E under torchrun / accelerate launch: one optimizer step takes batch x accumulation x WORLD_SIZE
+    examples, so the step budget is divided by the number of processes."""
+    from flare import stage1
+
+    cfg = stage1.resolve_config(stage1.build_parser().parse_args(
+        ["--task", "nusax", "--plm", str(tiny_models / "xlm-roberta"), "--batch_size", "4", "--device", "cpu",
+         "--seed", "1", "--output_dir", str(tmp_path), "--epochs", "3", "--gradient_accumulation_steps", "2"]))
+    assert stages.training_arguments(cfg, 80, ("labels",), "f1").max_steps == 30  # 80 x 3 / (4 x 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert stages.step_budget(80, cfg.opts) == 7  # 240 / 32, not 30
+
+
 def test_only_rank_zero_writes(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "1")
     assert not common_args.is_main_process()
@@ -127,15 +162,21 @@ def compare(one: Path, two: Path, prefix: str = "test") -> dict:
 
 
 def test_two_processes_train_stage1_as_one_does(tmp_path, no_dropout_model):
-    """torchrun, 2 gloo processes x batch 4, against one process x batch 8 (in this process): the same run."""
+    """torchrun, 2 gloo processes x batch 4, against one process x batch 8 (in this process): the same run. With
+    --epochs, as users type it: 16 examples x 2 epochs / global batch 8 = 4 optimizer steps in both (regression:
+    the step budget ignored the number of processes, and torchrun trained 8 steps, 4 epochs)."""
     from flare import stage1
 
     common = ["--task", "nusax", "--plm", str(no_dropout_model), "--data_dir", DATA, "--max_train_samples", "16",
-              "--max_eval_samples", "8", "--max_steps", "2", "--lr", "1e-3", "--seed", "3", "--num_evals", "1"]
+              "--max_eval_samples", "8", "--epochs", "2", "--lr", "1e-3", "--seed", "3", "--num_evals", "1"]
     assert stage1.main([*common, "--batch_size", "8", "--output_dir", str(tmp_path / "one")]) == 0
     launch("run_task_ft.py", [*common, "--batch_size", "4", "--output_dir", str(tmp_path / "two")], 2)
     name = "nusax-en-xlm-roberta-3"
-    compare(tmp_path / "one" / name, tmp_path / "two" / name)
+    res = compare(tmp_path / "one" / name, tmp_path / "two" / name)
+    one = json.loads((tmp_path / "one" / name / "results_test.json").read_text())
+    assert res["train_steps"] == one["train_steps"] == 4
+    assert res["epochs_trained"] == one["epochs_trained"] == 2
+    assert res["precision"] == one["precision"] == "fp32"
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [name]  # one run directory
 
 

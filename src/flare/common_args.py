@@ -33,7 +33,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="max new tokens when decoders generate (classification uses at most label length + 2)")
     p.add_argument("--output_dir", default="checkpoints", help="root of the run directories")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="device (auto: cuda if any)")
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (4-bit compute dtype bf16)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 mixed precision (4-bit compute dtype bf16); GPUs with native bf16 (Ampere or newer) "
+                        "or CPUs with avx512_bf16/amx")
+    p.add_argument("--fp16", action="store_true",
+                   help="fp16 mixed precision with loss scaling (4-bit compute dtype fp16), for GPUs without native "
+                        "bf16 (V100, T4); without --bf16/--fp16 a GPU trains in fp32, with TF32 matmuls on Ampere+")
     p.add_argument("--eval_only", action="store_true", help="skip training (with --load_ckpt: evaluate a saved run)")
     p.add_argument("--optim", default=None,
                    help="HF optimizer name; default adamw_torch, adamw_bnb_8bit for quantised decoders on a GPU")
@@ -99,6 +104,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def world_size() -> int:
+    """Processes of a distributed run (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE``); 1 for a plain run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """Rank 0 of a distributed run (``torchrun``/``accelerate launch`` set ``RANK``), or a plain run: the process
     that writes results, predictions, adapters and ``run_config.json``."""
@@ -116,13 +126,19 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def check_bf16(bf16: bool, device: str) -> None:
+def check_bf16(bf16: bool, device: str, fp16: bool = False) -> None:
+    """--bf16 only where bf16 is native, --fp16 only on a GPU, not both."""
+    if bf16 and fp16:
+        raise UsageError("--bf16 and --fp16 exclude each other; pass one (bf16 on Ampere or newer, fp16 on V100/T4)")
+    if fp16 and not device.startswith("cuda"):
+        raise UsageError("--fp16 needs a GPU (mixed precision with loss scaling); drop --fp16 to train in fp32")
     if not bf16:
         return
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise UsageError("--bf16: this GPU does not support bf16; drop --bf16")
+    # is_bf16_supported() alone also counts bf16 that the GPU only emulates (V100, T4): slow, and not what was asked
+    if device.startswith("cuda") and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UsageError("--bf16: this GPU has no native bf16 (it would only be emulated); use --fp16 instead")
     if device == "cpu" and not cpu_has_bf16():
         raise UsageError("--bf16: this CPU has no native bf16 (avx512_bf16/amx); drop --bf16 to train in fp32")
 

@@ -89,7 +89,7 @@ def resolve_config(args: argparse.Namespace) -> Stage1Config:
     run_name = f"{args.task}-{lang}-{plm_name}-{args.seed}"
     check_resume(args.resume_from_checkpoint, Path(args.output_dir) / run_name)
     device = resolve_device(args.device)  # last: it imports torch
-    check_bf16(args.bf16, device)
+    check_bf16(args.bf16, device, args.fp16)
     return Stage1Config(
         task=args.task, lang=lang, spec=spec, plm=args.plm, plm_name=plm_name, seed=args.seed, device=device,
         quantize=quantize, max_length=args.max_length or TASKS[args.task].max_length,
@@ -154,7 +154,7 @@ def run(cfg: Stage1Config) -> dict:
         from flare.data.features import check_prompt_fits
 
         check_prompt_fits(cfg.task, tokenizer, cfg.max_length)
-    model = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=o.bf16,
+    model = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=o.bf16, fp16=o.fp16,
                        gradient_checkpointing=o.gradient_checkpointing)
     if cfg.load_ckpt:
         model = load_checked(model, cfg.load_ckpt, is_trainable=not o.eval_only)

@@ -278,7 +278,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
     adapter_name = ADAPTER_NAMES.get(mode) or (f"flare-{args.fusion_fn}" if mode == "flare" else None)
     check_resume(args.resume_from_checkpoint, Path(args.output_dir) / name)
     device = resolve_device(args.device)  # last: it imports torch
-    check_bf16(args.bf16, device)
+    check_bf16(args.bf16, device, args.fp16)
     return Stage2Config(
         task=args.task, mode=mode, source_lang=src, target_lang=tgt, spec=spec, plm=args.plm,
         plm_name=model_name(args.plm), seed=args.seed, device=device, quantize=quantize, max_length=max_length,
@@ -382,7 +382,7 @@ def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None
     from flare.models.stack import STAGE1, stack_new_adapter
 
     o = cfg.opts
-    base = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=o.bf16,
+    base = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=o.bf16, fp16=o.fp16,
                       gradient_checkpointing=o.gradient_checkpointing and cfg.trains)
     model = load_checked(base, cfg.load_ckpt, is_trainable=False, adapter_name=STAGE1)
     if not cfg.trains:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from flare.common_args import FlareError, UsageError, fail, is_main_process
+from flare.common_args import FlareError, UsageError, fail, is_main_process, world_size
 from flare.config import ModelSpec, model_name
 from flare.files import write_json_atomic, write_jsonl_atomic
 
@@ -46,6 +46,7 @@ class TrainingOptions:
     report_to: str
     wandb_project: str
     bf16: bool
+    fp16: bool
     gradient_checkpointing: bool
     lora_r: int
     lora_alpha: int
@@ -182,16 +183,36 @@ def setup_tracking(opts: TrainingOptions) -> None:
         os.environ.setdefault("WANDB_PROJECT", opts.wandb_project)
 
 
+def step_budget(n_train: int, opts: TrainingOptions) -> int:
+    """Optimizer steps of a run: --max_steps, else --epochs passes over ``n_train`` training features. One step
+    consumes batch x accumulation x processes examples: under torchrun / accelerate launch --epochs E means E
+    passes over the data, not E x world_size."""
+    if opts.max_steps:
+        return opts.max_steps
+    global_batch = min(opts.batch_size, n_train) * opts.gradient_accumulation_steps * world_size()
+    return max(n_train * opts.epochs // global_batch, 1)
+
+
+def use_tf32(device: str, opts: TrainingOptions) -> bool | None:
+    """TF32 matmuls for fp32 training on an Ampere or newer GPU (about 10-bit mantissa products, fp32 accumulation:
+    the usual setting for fp32 fine-tuning there); None leaves torch's default elsewhere."""
+    if not device.startswith("cuda") or opts.bf16 or opts.fp16:
+        return None
+    import torch
+
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8 or None
+
+
 def training_arguments(cfg: RunConfig, n_train: int, label_names: tuple[str, ...], best_metric: str):
     """The Trainer's arguments: linear schedule with 10 % warm-up, ``num_evals`` evenly spaced validations (and
     checkpoints), the best kept by ``best_metric``."""
-    from transformers import TrainingArguments
+    from flare.trainer import FlareTrainingArguments
 
     o = cfg.opts
     batch_size = min(o.batch_size, n_train)
-    max_steps = o.max_steps or max(n_train * o.epochs // batch_size // o.gradient_accumulation_steps, 1)
+    max_steps = step_budget(n_train, o)
     eval_steps = max(max_steps // o.num_evals, 1)
-    return TrainingArguments(
+    return FlareTrainingArguments(
         output_dir=str(cfg.run_dir), run_name=cfg.run_name, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=o.gradient_accumulation_steps, learning_rate=o.lr,
@@ -200,7 +221,8 @@ def training_arguments(cfg: RunConfig, n_train: int, label_names: tuple[str, ...
         logging_steps=max(max_steps // 100, 1), logging_first_step=True,
         load_best_model_at_end=True, metric_for_best_model=f"eval_{best_metric}", greater_is_better=True,
         save_total_limit=o.save_total_limit, report_to=[] if o.report_to == "none" else [o.report_to],
-        bf16=o.bf16, optim=cfg.optim, use_cpu=cfg.device == "cpu", label_names=list(label_names),
+        bf16=o.bf16, fp16=o.fp16, tf32=use_tf32(cfg.device, o), optim=cfg.optim, use_cpu=cfg.device == "cpu",
+        label_names=list(label_names),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
         train_sampling_strategy="group_by_length" if o.group_by_length else "random",
         gradient_checkpointing=False,  # enabled on the model itself (non-reentrant) when asked

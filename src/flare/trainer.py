@@ -13,10 +13,25 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from flare.evaluation import Evaluator
+
+
+class FlareTrainingArguments(TrainingArguments):
+    """TrainingArguments that never use several GPUs from ONE process.
+
+    A plain ``python run.py`` on a node with N visible GPUs makes transformers count ``n_gpu = N``: the batch is
+    multiplied by N (N times the intended epochs per step budget on one GPU for 4-bit models, which skip
+    DataParallel) and other models are wrapped in ``nn.DataParallel``, whose replicas on GPUs 1..N-1 run FLARE's
+    hooks against source states that live on GPU 0. Several GPUs are used through one process per GPU
+    (``torchrun`` / ``accelerate launch``: DDP, where transformers' ``n_gpu`` is 1 anyway) or the sweep's
+    ``--gpus`` / Slurm launchers; one process uses one device."""
+
+    @property
+    def n_gpu(self):
+        return min(super().n_gpu, 1)
 
 
 def is_causal_lm(model) -> bool:
@@ -25,6 +40,17 @@ def is_causal_lm(model) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def precision_of(args: TrainingArguments) -> str:
+    """The arithmetic a run trained in: bf16 / fp16 mixed precision, fp32 with TF32 matmuls (Ampere+), or fp32."""
+    if args.bf16:
+        return "bf16"
+    if args.fp16:
+        return "fp16"
+    if args.tf32:
+        return "tf32"
+    return "fp32"
 
 
 class FlareTrainer(Trainer):
@@ -90,8 +116,12 @@ class FlareTrainer(Trainer):
         key = self.args.metric_for_best_model
         history = [[int(h["step"]), float(h[key])] for h in self.state.log_history if key in h]
         a = self.args
+        global_batch = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        n_train = len(self.train_dataset) if self.train_dataset is not None else 0
         return dict(train_runtime=seconds, train_loss=train_out.training_loss, train_steps=self.state.global_step,
-                    world_size=a.world_size,
-                    effective_batch_size=a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                    world_size=a.world_size, effective_batch_size=global_batch,
+                    # passes over the training features actually made: steps x global batch / features
+                    epochs_trained=round(self.state.global_step * global_batch / n_train, 4) if n_train else None,
+                    precision=precision_of(a),
                     best_checkpoint=self.state.best_model_checkpoint, validation_metric=key,
                     validation_best=self.state.best_metric, validation_history=history)

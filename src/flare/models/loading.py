@@ -57,12 +57,12 @@ def bnb_config(spec: ModelSpec, kind: str, quantize: str, compute_dtype: torch.d
 
 
 def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: bool,
-               gradient_checkpointing: bool = False):
+               gradient_checkpointing: bool = False, fp16: bool = False):
     """The pretrained model with its task head (random for encoders), quantised if asked, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     kind = task_kind(spec, task)
-    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    compute_dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     kwargs: dict = {}
     quant = bnb_config(spec, kind, quantize, compute_dtype)
     if quant is not None:
