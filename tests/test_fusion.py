@@ -394,3 +394,35 @@ def test_source_cache_reuses_states_and_gives_the_uncached_outputs(tiny_models, 
     full = Fusion(model, **kwargs, cache_source_states=True, cache_limit_mb=0).attach()
     _logits(model, both, full)
     assert full.cache.entries == {} and full.cache.stats["full"] == 2  # past the bound: computed, not stored
+
+
+def test_eval_forwards_leave_4bit_layers_differentiable(tiny_models, monkeypatch):
+    """As on a CPU with AVX512-BF16 (forced here: bitsandbytes' probe says yes), a 4-bit layer run in eval mode
+    under no_grad would repack its weight in place for gemv_4bit, which has no autograd kernel, and later training
+    steps would lose the input gradient through the frozen 4-bit weights. The loaded model never repacks: the FLARE
+    source pass (eval, no_grad) and an eval forward change none of the next training step's gradients."""
+    import bitsandbytes as bnb
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    tok, model, fusion = _decoder(tiny_models, "add_relu", "4bit")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    _, _, batch = _prompt_answer(tok)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    def step_grads():
+        model.train()
+        model.zero_grad()
+        with fusion.source(batch):  # the source pass runs in eval mode under no_grad
+            model(**inputs).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    first = step_grads()
+    model.eval()
+    with torch.no_grad(), fusion.source(batch):  # an evaluation: eval mode, no grad
+        model(**{k: v for k, v in inputs.items() if k != "labels"})
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    second = step_grads()
+    assert first.keys() == second.keys() and any("lora_A" in n for n in first)
+    assert all(torch.equal(first[n], second[n]) for n in first)

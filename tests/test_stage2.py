@@ -518,3 +518,29 @@ def test_flare_mt_text_is_truncated_like_the_model_prompt(tiny_models, train):
     model_prompt = tok.decode(model_ids, skip_special_tokens=True)
     shown = mt_text[: -len("\nSentiment: ")]
     assert model_prompt.startswith(shown.strip()[:40]) and text.startswith(shown)
+
+
+def test_frozen_stage1_adapter_applies_no_dropout_in_stage2_training(world, tmp_path):
+    """A stage 1 trained with --lora_dropout 0.5: in stage 2 its adapter is a frozen part of the start model, so a
+    training-mode forward of the fresh stage-2 model (base dropout off) equals the eval-mode one (regression: the
+    frozen adapter kept dropping its update at random in every stage-2 training step; the start check, in eval
+    mode, could not see it)."""
+    import torch
+
+    ck = tmp_path / "ck"
+    assert stage1.main(["--task", "nusax", "--plm", str(world["models"] / "xlm-roberta"), "--output_dir", str(ck),
+                        *FAST, "--lora_dropout", "0.5"]) == 0
+    world = dict(world, ck=ck)
+    cfg, tok, probe, _ = _stage2(world, "xlm-roberta", "none", "--stage1_merge", "none")  # stacked, not merged
+    model, _, start = stage2.build_model(cfg, tok, probe)
+    assert start == {"stage1_start_max_abs_diff": 0.0}
+    for name, m in model.named_modules():  # the base model's own dropout off: only the adapters' could differ
+        if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in name:
+            m.p = 0.0
+    inputs = {k: v for k, v in probe.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        model.eval()
+        evaluated = model(**inputs).logits
+        model.train()
+        trained = model(**inputs).logits
+    assert torch.equal(trained, evaluated)

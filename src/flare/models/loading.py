@@ -79,6 +79,7 @@ def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: 
     else:
         model = AutoModelForQuestionAnswering.from_pretrained(model_files(spec), **kwargs)
     if quant is not None:
+        keep_4bit_differentiable(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -88,6 +89,22 @@ def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: 
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_differentiable(model) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights; returns the number of 4-bit layers.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` that runs in eval mode on an input without grad repacks its weight IN
+    PLACE into a layout that only ``gemv_4bit`` reads, and ``gemv_4bit`` has no autograd kernel: every later training
+    forward drops the input gradient through the frozen 4-bit weights (torch only warns). FLARE's source pass and the
+    stage-1 start check are such forwards, so training after them would get wrong gradients. Off, the layers always
+    use the differentiable dequantise-and-matmul path (GPUs never repack; on other CPUs nothing changes)."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it repacks
+    return len(layers)
 
 
 def lora_config(spec: ModelSpec, task: str, *, r: int, alpha: int, dropout: float,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 
 from peft import PeftModel
+from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
@@ -38,10 +39,16 @@ def _wrappers(model) -> list[AuxiliaryTrainingWrapper]:
 
 
 def _freeze(module, adapter: str) -> None:
+    """``adapter`` frozen on ``module``, and without dropout: a frozen adapter is part of the fixed stage-1 function,
+    so stage-2 training must see it exactly as evaluation does (a stage 1 trained with --lora_dropout would otherwise
+    drop its own update at random in every stage-2 training step)."""
     for name in module.adapter_layer_names:
         params = getattr(module, name)
         if adapter in params:
             params[adapter].requires_grad_(False)
+    dropout = getattr(module, "lora_dropout", None)
+    if dropout is not None and adapter in dropout and not isinstance(dropout[adapter], nn.Identity):
+        dropout[adapter] = nn.Identity()
 
 
 def is_stacked(model) -> bool:
