@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 
 from peft import PeftModel
-from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
 
 STAGE1 = "lora"  # the original's name of the stage-1 adapter
 NEW = "default"  # peft's default name: Trainer's checkpoint saving and best-model reloading use it
