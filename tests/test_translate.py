@@ -84,7 +84,7 @@ def test_dedup_sort_and_restore_input_order(tmp_path, monkeypatch):
     lengths = [len(t.split()) for t in asked[: len(premises)]]
     assert lengths == sorted(lengths, reverse=True)  # longest first within the field
     meta = json.loads((tmp_path / "xnli" / "translate-es-fake" / "meta.json").read_text())
-    assert meta["splits"]["test"]["unique_strings"] < meta["splits"]["test"]["strings"] == 420
+    assert meta["splits"]["test_en-es"]["unique_strings"] < meta["splits"]["test_en-es"]["strings"] == 420
 
 
 def test_resume_after_interruption_gives_identical_file(tmp_path, monkeypatch):
@@ -97,8 +97,8 @@ def test_resume_after_interruption_gives_identical_file(tmp_path, monkeypatch):
     assert not (killed / "nusax" / "translate-jav-fake" / "test_en-jav.parquet").exists()  # nothing half-written
     resumed = FakeTranslator()
     meta = run_job(_job(killed), lambda: resumed)
-    assert meta["splits"]["test"]["chunks_resumed"] == 7
-    n_chunks = -(-meta["splits"]["test"]["unique_strings"] // 16)
+    assert meta["splits"]["test_en-jav"]["chunks_resumed"] == 7
+    n_chunks = -(-meta["splits"]["test_en-jav"]["unique_strings"] // 16)
     assert len(resumed.calls) == n_chunks - 7  # finished chunks are not translated again
     a = (ref / "nusax" / "translate-jav-fake" / "test_en-jav.parquet").read_bytes()
     b = (killed / "nusax" / "translate-jav-fake" / "test_en-jav.parquet").read_bytes()
@@ -131,15 +131,61 @@ def test_shards_then_merge_give_the_file_of_one_process(tmp_path, monkeypatch, t
     assert (out / name).read_bytes() == single
     merge = FakeTranslator()
     meta = run_job(_job(out, task=task, target_lang=tgt), lambda: merge)
-    assert merge.calls == [] and sum(counts) == meta["splits"]["test"]["unique_strings"]  # nothing twice
+    # nothing twice
+    assert merge.calls == [] and sum(counts) == meta["splits"][f"test_en-{tgt}"]["unique_strings"]
     assert not (out / task / f"translate-{tgt}-fake" / ".partial").exists()
 
     out = tmp_path / "one-shard-missing"
     counts = shards(out, (0, 1))
     merge = FakeTranslator()
     meta = run_job(_job(out, task=task, target_lang=tgt), lambda: merge)
-    assert sum(len(c) for c in merge.calls) + sum(counts) == meta["splits"]["test"]["unique_strings"]
+    assert sum(len(c) for c in merge.calls) + sum(counts) == meta["splits"][f"test_en-{tgt}"]["unique_strings"]
     assert (out / name).read_bytes() == single
+
+
+def test_a_shard_outrun_by_its_sibling_ends_cleanly(tmp_path, monkeypatch):
+    """Two processes on one translation: while shard 1/2 is translating, a sibling merges every chunk, writes the
+    file and removes .partial. The shard must not fail (it did: FileNotFoundError on a removed chunk, exit 2 though
+    the output was right, and the sweep then blocked every job that needed the translation); the file is the
+    single-process one and no chunk is left behind."""
+    monkeypatch.setattr(tr, "CHUNK", 16)
+    name = "nusax/translate-jav-fake/test_en-jav.parquet"
+    run_job(_job(tmp_path / "one"), lambda: FakeTranslator())
+    single = (tmp_path / "one" / name).read_bytes()
+    out = tmp_path / "race"
+    run_job(_job(out, shard=(0, 2)), lambda: FakeTranslator())  # shard 0's chunks are on disk
+
+    class Outrun(FakeTranslator):
+        def translate(self, texts, src_code, tgt_code, stats):
+            if not self.calls:  # the sibling merges while this shard translates its first chunk
+                run_job(_job(out), lambda: FakeTranslator())
+                assert (out / name).is_file() and not (out / "nusax" / "translate-jav-fake" / ".partial").exists()
+            return super().translate(texts, src_code, tgt_code, stats)
+
+    run_job(_job(out, shard=(1, 2)), lambda: Outrun())
+    assert (out / name).read_bytes() == single
+    assert not (out / "nusax" / "translate-jav-fake" / ".partial").exists()
+
+
+def test_parallel_jobs_keep_each_others_meta_entries(tmp_path):
+    """Every language's test set is translated into the one English folder; jobs for several languages (in
+    parallel on a node) must all stay in its meta.json: keyed by file, merged under a lock."""
+    import multiprocessing
+
+    for lang in ("jav", "sun"):
+        assert run_translate.main(["--task", "nusax", "--source_lang", lang, "--target_lang", "en", "--model",
+                                   "reference", "--data_dir", DATA, "--output_dir", str(tmp_path), "--splits",
+                                   "test"]) == 0
+    meta = json.loads((tmp_path / "nusax" / "translate-en-reference" / "meta.json").read_text())
+    assert {"test_jav-en", "test_sun-en"} <= set(meta["splits"])
+    path = tmp_path / "many" / "meta.json"
+    procs = [multiprocessing.get_context("fork").Process(target=tr.update_meta, args=(path, {"task": "x"}, f"k{i}",
+                                                                                       {"i": i})) for i in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert json.loads(path.read_text())["splits"] == {f"k{i}": {"i": i} for i in range(8)}
 
 
 def test_finished_translation_is_skipped(tmp_path):
@@ -152,7 +198,8 @@ def test_finished_translation_is_skipped(tmp_path):
 def test_tydiqa_projection_counts_in_meta(tmp_path):
     meta = run_job(_job(tmp_path, task="tydiqa", target_lang="sw", max_samples=20), lambda: FakeTranslator())
     df = pd.read_parquet(tmp_path / "tydiqa" / "translate-sw-fake" / "test_en-sw.parquet")
-    assert meta["splits"]["test"]["answers_projected"] == 20 and meta["splits"]["test"]["answers_lost"] == 0
+    entry = meta["splits"]["test_en-sw"]
+    assert entry["answers_projected"] == 20 and entry["answers_lost"] == 0
     for ctx, ans in zip(df["context_translated"], df["answers_translated"]):
         assert MARK not in ctx and ctx[ans["answer_start"][0]:].startswith(ans["text"][0])
     assert {"context_translated", "question_translated", "answers_translated", "language"} <= set(df.columns)
@@ -196,14 +243,14 @@ def test_lexical_mt_files_scores_and_not_the_human_translation(tmp_path):
         assert list(df["text"]) == list(load_task("nusax", "en", split, DATA)["text"])
         human = list(load_task("nusax", "jav", split, DATA)["text"])
         assert sum(a == b for a, b in zip(df["text_translated"], human)) == 0
-        entry = meta["splits"][tr.SPLIT_FILE[split]]
+        entry = meta["splits"][f"{tr.SPLIT_FILE[split]}_en-jav"]
         assert entry["trained_on"]["split"] == "train" and entry["trained_on"]["training_pairs"] == 500
         assert entry["against_human"]["in_sample"] == (split == "train")
         assert 15 < entry["against_human"]["chrf"] < 60 and 0 <= entry["against_human"]["bleu"] < 20
     back, meta = _lexical(tmp_path, "jav", "en", "--splits", "test")
     df = pd.read_parquet(back / "test_jav-en.parquet")
     assert list(df["text"]) == list(load_task("nusax", "jav", "test", DATA)["text"])
-    assert 20 < meta["splits"]["test"]["against_human"]["chrf"] < 40  # measured 28.8
+    assert 20 < meta["splits"]["test_jav-en"]["against_human"]["chrf"] < 40  # measured 28.8
     assert meta["model"] == "lexical" and meta["nllb_target"] is None and meta["fallback_warnings"] == []
     # an exclamation mark and a comma survive, and the learned lexicon translates frequent words
     assert df["text_translated"].str.contains("!").any() and df["text_translated"].str.contains(",").any()
@@ -232,8 +279,8 @@ def test_lexical_mt_learns_from_the_training_split_only(tmp_path):
                                      data=tmp_path / "data")
     for name in ("val_jav-en.parquet", "test_jav-en.parquet"):
         assert pd.read_parquet(clean / name).equals(pd.read_parquet(garbled / name))
-    assert meta_garbled["splits"]["test"]["against_human"]["chrf"] < meta_clean["splits"]["test"]["against_human"][
-        "chrf"]
+    key = "test_jav-en"
+    assert meta_garbled["splits"][key]["against_human"]["chrf"] < meta_clean["splits"][key]["against_human"]["chrf"]
     assert "zzz" not in " ".join(pd.read_parquet(garbled / "test_jav-en.parquet")["text_translated"]).lower()
 
 
@@ -258,9 +305,9 @@ def test_lexical_mt_is_deterministic_across_processes(tmp_path):
 @pytest.mark.parametrize("lang", ["ace", "ban", "bbc", "bjn", "bug", "ind", "jav", "mad", "min", "nij", "sun"])
 def test_lexical_mt_every_nusax_language(tmp_path, lang):
     folder, meta = _lexical(tmp_path, "en", lang, "--splits", "test")
-    assert 10 < meta["splits"]["test"]["against_human"]["chrf"] < 70
+    assert 10 < meta["splits"][f"test_en-{lang}"]["against_human"]["chrf"] < 70
     back, meta = _lexical(tmp_path, lang, "en", "--splits", "test")
-    assert 10 < meta["splits"]["test"]["against_human"]["chrf"] < 70
+    assert 10 < meta["splits"][f"test_{lang}-en"]["against_human"]["chrf"] < 70
 
 
 # ---------------------------------------------------------------- the tiny NLLB model, every task
@@ -282,7 +329,7 @@ def test_tiny_nllb_writes_every_task(tmp_path, tiny_models, task, tgt, cols):
         assert list(df.columns) == cols and len(df) == 6
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["nllb_target"] == {"es": "spa_Latn", "jav": "jav_Latn", "sw": "swh_Latn"}[tgt]
-    assert set(meta["splits"]) == {tr.SPLIT_FILE[s] for s in splits}
+    assert set(meta["splits"]) == {f"{tr.SPLIT_FILE[s]}_en-{tgt}" for s in splits}
 
 
 # ---------------------------------------------------------------- bad input

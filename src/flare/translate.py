@@ -186,13 +186,15 @@ def translate_unique(translator: NLLBTranslator, texts: list[str], src_code: str
     stats.unique += len(unique)
     stats.empty += sum(1 for t in texts if not t.strip())
     result: dict[str, str] = {}
-    partial.mkdir(parents=True, exist_ok=True)
     complete = True
     for c, start in enumerate(range(0, len(unique), CHUNK)):
         chunk = unique[start:start + CHUNK]
         path = partial / f"chunk-{c:05d}.json"
-        if path.is_file():
+        try:  # a sibling shard may merge and remove the chunks at any moment
             saved = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            saved = None
+        if saved is not None:
             if saved["source"] == chunk:
                 result.update(zip(chunk, saved["translation"]))
                 stats.chunks_resumed += 1
@@ -201,6 +203,7 @@ def translate_unique(translator: NLLBTranslator, texts: list[str], src_code: str
             complete = False  # another shard's chunk
             continue
         translated = translator.translate(chunk, src_code, tgt_code, stats)
+        partial.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"source": chunk, "translation": translated}, ensure_ascii=False)
         atomic_write(path, lambda p, payload=payload: p.write_text(payload, encoding="utf-8"))
         result.update(zip(chunk, translated))
@@ -359,7 +362,7 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
     targets = {s: output_path(job.output_dir, job.task, s, src, tgt_lang.code, job.model_name) for s in splits}
     todo = [s for s, p in targets.items() if job.overwrite or not p.is_file()]
     meta_path = job.folder / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_meta(meta_path)
     if not todo:
         logger.info("all %d files exist in %s (pass --overwrite to redo)", len(targets), job.folder)
         return meta
@@ -376,15 +379,21 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
         translator.check_code(src_code, "source")
         translator.check_code(tgt_code, "target")
     direction = f"{src}-{tgt_lang.code}"
-    meta.update(task=job.task, source_lang=src, target_lang=tgt_lang.code, model=job.model,
+    top = dict(task=job.task, source_lang=src, target_lang=tgt_lang.code, model=job.model,
                 nllb_source=src_code if nllb else None, nllb_target=tgt_code if nllb else None,
                 fallback_warnings=warnings,
                 settings=dict(max_length=job.max_length, batch_size=job.batch_size, num_beams=job.num_beams,
                               bf16=job.bf16, device=job.device, data_dir=job.data_dir, max_samples=job.max_samples))
-    meta.setdefault("splits", {})
+    def partial_of(split: str) -> Path:
+        return job.folder / ".partial" / f"{SPLIT_FILE[split]}_{direction}"
+
     for split in todo:
+        if not job.overwrite and targets[split].is_file():
+            logger.info("%s was written by another process meanwhile", targets[split])
+            shutil.rmtree(partial_of(split), ignore_errors=True)
+            continue
         t0, stats, ds = time.time(), Stats(), sources[split]
-        partial = job.folder / ".partial" / f"{SPLIT_FILE[split]}_{direction}"
+        partial = partial_of(split)
         if job.model == "reference":
             df, counts = reference_split(job.task, src, tgt_lang.code, split, job.data_dir, ds), {}
             stats.strings = len(ds) * len(FIELDS[job.task])
@@ -412,6 +421,9 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
 
             df, counts = translate_split(job.task, ds, translate)
             bar.close()
+            if not job.overwrite and targets[split].is_file():  # a sibling merged every chunk meanwhile
+                shutil.rmtree(partial, ignore_errors=True)  # (chunks this process wrote after the merge)
+                continue
             if waiting:
                 logger.info("shard %d/%d of %s %s: its chunks are done; the other shards' are not all there yet. "
                             "When every shard has finished, run the same command without --shard: it writes the "
@@ -421,16 +433,36 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
         write_parquet(df, targets[split])
         shutil.rmtree(partial, ignore_errors=True)
         stats.seconds = time.time() - t0
-        meta["splits"][SPLIT_FILE[split]] = dict(rows=len(df), file=targets[split].name, strings=stats.strings,
-                                                 unique_strings=stats.unique, empty_strings=stats.empty,
-                                                 truncated_inputs=stats.truncated, seconds=round(stats.seconds, 2),
-                                                 chunks_resumed=stats.chunks_resumed, **counts)
+        entry = dict(rows=len(df), file=targets[split].name, strings=stats.strings, unique_strings=stats.unique,
+                     empty_strings=stats.empty, truncated_inputs=stats.truncated, seconds=round(stats.seconds, 2),
+                     chunks_resumed=stats.chunks_resumed, **counts)
         if stats.truncated:
             logger.warning("%s: %d inputs longer than --max_length %d were truncated", split, stats.truncated,
                            job.max_length)
-        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False)))
+        meta = update_meta(meta_path, top, targets[split].stem, entry)
         logger.info("wrote %s (%d rows, %.1f s)", targets[split], len(df), stats.seconds)
-    partial_root = job.folder / ".partial"
-    if partial_root.is_dir() and not any(partial_root.iterdir()):
-        partial_root.rmdir()
+    try:  # a sibling process may be using or removing it at the same moment
+        (job.folder / ".partial").rmdir()
+    except OSError:
+        pass
+    return read_meta(meta_path)
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_meta(path: Path, top: dict, key: str, entry: dict) -> dict:
+    """Add one file's entry (``splits[key]``, key = the file's stem, e.g. ``test_jav-en``: the folder of English
+    translations holds every language's test set) to ``meta.json``, under an exclusive lock, re-reading the file
+    first: parallel translation jobs writing into one folder keep each other's entries."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".meta.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = read_meta(path)
+        meta.update(top)
+        meta.setdefault("splits", {})[key] = entry
+        atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False)))
     return meta
