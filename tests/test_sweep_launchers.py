@@ -35,6 +35,65 @@ def test_parallel_runs_in_dependency_order_one_job_per_gpu(tmp_path):
     assert "gpu 0" in logs["a.log"] or "gpu 1" in logs["a.log"]  # CUDA_VISIBLE_DEVICES = its GPU
 
 
+def test_gpu_ids_index_the_visible_gpus_and_uuids_pass():
+    """Inside an allocation with CUDA_VISIBLE_DEVICES=4,5,6,7, --gpus 0,1 are the physical GPUs 4 and 5 (they were
+    passed on raw: GPUs 0 and 1, someone else's); GPU-/MIG- UUIDs pass as they are; a job can own several GPUs."""
+    assert sweep.physical_gpus(["0", "1"], visible="4,5,6,7") == ["4", "5"]
+    assert sweep.physical_gpus(["3"], visible="4,5,6,7") == ["7"]
+    assert sweep.physical_gpus(["0", "1"], visible="") == ["0", "1"]  # nothing restricted
+    mig = "MIG-4b2c1a2e-6f1d-5b7e-9a1b-0c2d3e4f5a6b"
+    assert sweep.physical_gpus([mig, "GPU-abc"], visible="4,5") == [mig, "GPU-abc"]
+    with pytest.raises(sweep.UsageError, match="only 2 GPU"):
+        sweep.physical_gpus(["2"], visible="4,5")
+    assert sweep.gpu_slots(["4", "5", "6", "7"], 2) == ["4,5", "6,7"]
+    cmd = ["python", "/r/run.py", "--task", "nusax"]
+    assert sweep.distributed(cmd, 2) == ["python", "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node", "2", "/r/run.py", "--task", "nusax"]
+    assert sweep.distributed(["python", "/r/run_translate.py"], 2) == ["python", "/r/run_translate.py"]
+    assert sweep.distributed(cmd, 1) == cmd
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit status waits for a reaper that containers may not run)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_sigterm_to_the_gpu_scheduler_stops_its_jobs(tmp_path):
+    """A SIGTERM (a cancelled allocation, a Ctrl-C) to the sweep stops the jobs it runs on the GPUs, child
+    processes included, before it exits; they used to keep running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    job = ("import os, subprocess, sys, time; "
+           "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+           f"open(os.path.join({str(pids)!r}, str(os.getpid())), 'w').write(str(child.pid)); time.sleep(120)")
+    code = ("import sys; from pathlib import Path; from flare import sweep; "
+            f"jobs = [sweep.Job(n, ['-c', {job!r}], ()) for n in ('a', 'b', 'c')]; "
+            f"sweep.run_parallel(jobs, ['0', '1'], Path({str(tmp_path / 'logs')!r}), poll_s=0.05)")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.time() + 60
+    while len(list(pids.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    started = {int(p.name): int(p.read_text()) for p in pids.iterdir() if p.read_text()}
+    assert len(started) == 2  # two GPUs: two jobs at a time, the third waits
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    for pid in [*started, *started.values()]:
+        assert not running(pid)
+    assert len(list(pids.iterdir())) == 2  # the third job never started
+
+
 def test_submitit_local_runs_jobs_after_their_predecessors_and_reports_failures(tmp_path, caplog):
     """The real submitit local executor with real processes: wave by wave in dependency order, one log per job, a
     failure reported with its log path, its dependents never submitted."""

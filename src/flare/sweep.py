@@ -16,6 +16,7 @@ what it computes as a separate process (tested); an exception fails that job onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -75,15 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     g = p.add_argument_group("parallel and cluster runs")
     g.add_argument("--gpus", default=None,
-                   help="comma-separated GPU ids (e.g. 0,1,2,3): independent jobs run in parallel, one per GPU "
-                        "(CUDA_VISIBLE_DEVICES), in dependency order; each job's output goes to LOG_DIR/<job>.log")
+                   help="comma-separated GPU ids as this process sees them (e.g. 0,1,2,3; inside an allocation that "
+                        "sets CUDA_VISIBLE_DEVICES they index into it) or GPU-/MIG- UUIDs: independent jobs run in "
+                        "parallel, one per GPU (CUDA_VISIBLE_DEVICES), in dependency order; each job's output goes "
+                        "to LOG_DIR/<job>.log")
     g.add_argument("--launcher", default=None, choices=["slurm", "local"],
                    help="submit every job through submitit: slurm = Slurm jobs with afterok dependencies; local = "
                         "submitit's local executor (real processes on this machine, for testing the same path)")
     g.add_argument("--log_dir", default=None, help="job logs (default OUTPUT_DIR/logs)")
     g.add_argument("--partition", default=None, help="Slurm partition")
     g.add_argument("--account", default=None, help="Slurm account")
-    g.add_argument("--gpus_per_job", type=int, default=1, help="GPUs per Slurm job (default 1)")
+    g.add_argument("--gpus_per_job", type=int, default=1,
+                   help="GPUs per job (default 1); with more, a training job runs under torchrun, one process per "
+                        "GPU (DDP): --gpus 0,1,2,3 --gpus_per_job 2 runs two jobs side by side, or one Slurm job "
+                        "with that many GPUs")
     g.add_argument("--cpus_per_job", type=int, default=8, help="CPUs per Slurm job (default 8)")
     g.add_argument("--mem_gb", type=int, default=64, help="memory per Slurm job in GB (default 64)")
     g.add_argument("--time_min", type=int, default=24 * 60, help="time limit per Slurm job in minutes (default 1 day)")
@@ -112,16 +118,23 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--gpus runs the jobs on this node, --launcher submits them; pass one of them")
     if args.gpus is not None:
         ids = [g.strip() for g in args.gpus.split(",") if g.strip()]
-        if not ids or not all(g.isdigit() for g in ids):
-            raise UsageError(f"--gpus {args.gpus!r}: give GPU ids, e.g. --gpus 0,1,2,3")
+        if not ids or not all(g.isdigit() or is_device_uuid(g) for g in ids):
+            raise UsageError(f"--gpus {args.gpus!r}: give GPU ids (0,1,2,3, numbered as this process sees them) or "
+                             "GPU-/MIG- UUIDs (nvidia-smi -L)")
+        if len(set(ids)) != len(ids):
+            raise UsageError(f"--gpus {args.gpus}: a GPU is listed twice")
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError(f"--gpus {args.gpus}: no CUDA GPU is visible here; drop --gpus to run the jobs one after "
                              "another, or run the sweep on a GPU node")
-        if max(map(int, ids)) >= torch.cuda.device_count():
+        numbers = [int(g) for g in ids if g.isdigit()]
+        if numbers and max(numbers) >= torch.cuda.device_count():
             raise UsageError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) are visible (ids 0.."
                              f"{torch.cuda.device_count() - 1})")
+        if args.gpus_per_job < 1 or len(ids) % args.gpus_per_job:
+            raise UsageError(f"--gpus {args.gpus}: {len(ids)} GPUs do not split into jobs of --gpus_per_job "
+                             f"{args.gpus_per_job}")
     slurm_flags = [f"--{n}" for n in ("partition", "account") if getattr(args, n)]
     if slurm_flags and args.launcher != "slurm":
         raise UsageError(f"{' '.join(slurm_flags)} are Slurm flags; add --launcher slurm")
@@ -240,6 +253,44 @@ def settle(job: Job, skipped: list[str], failed: list[str], prefix: str = "") ->
     return False
 
 
+def is_device_uuid(gpu: str) -> bool:
+    """A GPU or MIG instance UUID as ``nvidia-smi -L`` prints it (CUDA_VISIBLE_DEVICES accepts both)."""
+    return gpu.startswith(("GPU-", "MIG-")) and len(gpu) > 4
+
+
+def physical_gpus(ids: list[str], visible: str | None = None) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` entries of ``--gpus`` ids. Numbers are positions among the GPUs this process
+    sees, as torch numbers them: inside an allocation that already restricts ``CUDA_VISIBLE_DEVICES`` (say
+    ``4,5,6,7``), ``--gpus 0,1`` are the physical GPUs 4 and 5, not 0 and 1 (someone else's). UUIDs pass as they
+    are. ``visible``: the current ``CUDA_VISIBLE_DEVICES`` (default: this process's environment)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    entries = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    out = []
+    for gpu in ids:
+        if gpu.isdigit() and entries is not None:
+            if int(gpu) >= len(entries):
+                raise UsageError(f"--gpus {gpu}: CUDA_VISIBLE_DEVICES={visible} makes only {len(entries)} GPU(s) "
+                                 f"visible (ids 0..{len(entries) - 1})")
+            out.append(entries[int(gpu)])
+        else:
+            out.append(gpu)
+    return out
+
+
+def gpu_slots(ids: list[str], per_job: int) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` values, one per concurrent job: consecutive groups of ``per_job`` GPUs."""
+    return [",".join(ids[i:i + per_job]) for i in range(0, len(ids), per_job)]
+
+
+def distributed(cmd: list[str], nproc: int) -> list[str]:
+    """A training script's command line under ``torchrun`` with one process per GPU (DDP); other jobs (the
+    translations) run as they are, on the first GPU of their slot."""
+    script = Path(cmd[1]).name if len(cmd) > 1 else ""
+    if nproc <= 1 or script not in ("run.py", "run_task_ft.py"):
+        return cmd
+    return [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
+
+
 def run_jobs(jobs: list[Job], dry_run: bool = False, python: str = sys.executable,
              in_process: bool = False) -> tuple[list, list, list]:
     """One job at a time, in plan order (which is a dependency order). (ran, skipped, failed) job names; a failure
@@ -269,14 +320,43 @@ def log_name(job: Job) -> str:
 
 
 def run_parallel(jobs: list[Job], gpus: list[str], log_dir: Path, python: str = sys.executable,
-                 poll_s: float = 0.2) -> tuple[list, list, list]:
-    """Up to one job per GPU at a time (``CUDA_VISIBLE_DEVICES``), each started once every job it depends on has
-    finished; each job's stdout and stderr go to ``log_dir/<job>.log``."""
+                 poll_s: float = 0.2, gpus_per_job: int = 1) -> tuple[list, list, list]:
+    """Up to one job per GPU slot at a time (``CUDA_VISIBLE_DEVICES``: ``gpus_per_job`` GPUs each; a training job
+    with several GPUs runs under torchrun), each started once every job it depends on has finished; each job's
+    stdout and stderr go to ``log_dir/<job>.log``. SIGTERM / SIGINT to the sweep stop every running job (its whole
+    process group: torchrun's workers too) before the sweep exits: nothing is left running on the GPUs."""
+    import signal
+
     log_dir.mkdir(parents=True, exist_ok=True)
     ran, skipped, failed = [], [], []
-    pending, free = list(jobs), list(gpus)
+    pending, free = list(jobs), gpu_slots(physical_gpus(gpus), gpus_per_job)
     running: dict[str, tuple[Job, subprocess.Popen, float, object]] = {}
     finished = lambda name: name in ran or name in skipped  # noqa: E731
+
+    def stop(signum, _frame):
+        logger.error("sweep: signal %d, stopping %d running job(s)", signum, len(running))
+        for _, proc, _, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        for _, proc, _, _ in running.values():
+            try:
+                proc.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _schedule(pending, free, running, ran, skipped, failed, finished, log_dir, python, poll_s,
+                         gpus_per_job)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _schedule(pending, free, running, ran, skipped, failed, finished, log_dir, python, poll_s, gpus_per_job):
     while pending or running:
         for job in list(pending):
             if settle(job, skipped, failed):
@@ -284,11 +364,13 @@ def run_parallel(jobs: list[Job], gpus: list[str], log_dir: Path, python: str = 
             elif free and all(finished(d) for d in job.deps):
                 gpu = free.pop(0)
                 log = open(log_dir / log_name(job), "w")  # noqa: SIM115 - closed when the job ends
-                cmd = command(job, python)
+                cmd = distributed(command(job, python), gpus_per_job)
                 log.write(shlex.join(cmd) + "\n")
                 log.flush()
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+                # its own process group: a stop reaches every process it started (torchrun's workers)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                        start_new_session=True)
                 running[gpu] = (job, proc, time.time(), log)
                 pending.remove(job)
                 logger.info("GPU %s: %s (log %s)", gpu, job.name, log.name)
@@ -379,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run or not (args.gpus or args.launcher):
         ran, skipped, failed = run_jobs(jobs, args.dry_run, in_process=args.in_process)
     elif args.gpus:
-        ran, skipped, failed = run_parallel(jobs, [g.strip() for g in args.gpus.split(",") if g.strip()], log_dir)
+        ran, skipped, failed = run_parallel(jobs, [g.strip() for g in args.gpus.split(",") if g.strip()], log_dir,
+                                            gpus_per_job=args.gpus_per_job)
     else:
         ran, skipped, failed = run_submitit(jobs, args, log_dir)
     logger.info("sweep: %d ran, %d skipped (finished), %d failed", len(ran), len(skipped), len(failed))
