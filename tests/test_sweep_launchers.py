@@ -112,6 +112,80 @@ def test_submitit_local_runs_jobs_after_their_predecessors_and_reports_failures(
     assert any("a ran" in p.read_text() for p in (tmp_path / "logs").rglob("*_log.out"))
 
 
+def test_a_timed_out_job_requeues_itself_and_resumes_from_its_checkpoint(tmp_path):
+    """submitit's local executor times the job out (as Slurm does at the time limit or on preemption): the job stops
+    its command, requeues itself, and the requeued job runs the command again with --resume_from_checkpoint last
+    (the run has a checkpoint); it used to fail, and downstream jobs were cancelled."""
+    import sys
+
+    import submitit
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    code = ("import os, sys, time; d = sys.argv[1]; "
+            "open(os.path.join(d, 'calls'), 'a').write(' '.join(sys.argv[2:]) + '|'); "
+            "os.makedirs(os.path.join(d, 'checkpoint-5'), exist_ok=True); "
+            "time.sleep(0 if '--resume_from_checkpoint' in sys.argv else 120)")
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs" / "%j")
+    executor.update_parameters(timeout_min=0.2, signal_delay_s=8, gpus_per_node=0)  # the signal after 4 s
+    job = executor.submit(sweep.ResumableCommand([sys.executable, "-c", code, str(run_dir)], str(tmp_path),
+                                                 str(run_dir)))
+    assert job.result() == 0
+    assert (run_dir / "calls").read_text() == "|--resume_from_checkpoint last|"
+    assert sweep.ResumableCommand(["x"], ".", str(tmp_path / "none")).resumed() == ["x"]  # no checkpoint: as is
+
+
+def _local_args(**kw):
+    import argparse
+
+    return argparse.Namespace(launcher="local", time_min=5, cpus_per_job=1, mem_gb=1, gpus_per_job=0,
+                              partition=None, account=None, **kw)
+
+
+def test_a_rerun_does_not_submit_a_job_that_is_still_queued_or_running(tmp_path, caplog):
+    """The sweep records each submitted job id next to its run (log_dir/submitted.json); run again while that job is
+    still queued or running, it does not submit the run a second time (two jobs writing one run directory)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="flare.sweep")
+    unfinished = tmp_path / "never-written.json"
+    jobs = [sweep.Job("a", ["-c", "print('a')"], (unfinished,)),
+            sweep.Job("b", ["-c", "print('b')"], (tmp_path / "b.json",), deps=("a",))]
+    ran, _, failed = sweep.run_submitit(jobs[:1], _local_args(), tmp_path / "logs")
+    record = json.loads((tmp_path / "logs" / "submitted.json").read_text())
+    assert ran == ["a"] and failed == [] and set(record) == {"a"} and record["a"]["job_id"]
+    asked = []
+    ran, _, failed = sweep.run_submitit(jobs, _local_args(), tmp_path / "logs",
+                                        state=lambda launcher, jid: asked.append(jid) or "RUNNING")
+    assert ran == [] and failed == [] and asked == [record["a"]["job_id"]]
+    assert "already queued or running as job" in caplog.text and "waits for a job of an earlier sweep" in caplog.text
+    # once it has left the queue, it is submitted again (it never finished)
+    ran, _, _ = sweep.run_submitit(jobs[:1], _local_args(), tmp_path / "logs", state=lambda launcher, jid: "")
+    assert ran == ["a"]
+
+
+def test_a_refused_submission_is_reported_and_the_others_are_kept(tmp_path, caplog, monkeypatch):
+    """sbatch refusing one job (a per-user cap): that job and its dependents are reported failed, the others are
+    submitted and recorded."""
+    import submitit
+
+    real = submitit.AutoExecutor.submit
+
+    def submit(self, fn, *a, **kw):
+        if "refused" in " ".join(fn.cmd):
+            raise submitit.core.utils.FailedJobError("sbatch: error: QOSMaxSubmitJobPerUserLimit")
+        return real(self, fn, *a, **kw)
+
+    monkeypatch.setattr(submitit.AutoExecutor, "submit", submit)
+    jobs = [sweep.Job("ok", ["-c", "print('ok')"], ()),
+            sweep.Job("refused", ["-c", "print('refused')"], ()),
+            sweep.Job("after", ["-c", "pass"], (), deps=("refused",))]
+    ran, _, failed = sweep.run_submitit(jobs, _local_args(), tmp_path / "logs")
+    assert ran == ["ok"] and sorted(failed) == ["after", "refused"]
+    assert "QOSMaxSubmitJobPerUserLimit" in caplog.text
+    assert set(json.loads((tmp_path / "logs" / "submitted.json").read_text())) == {"ok"}
+
+
 def test_usage_errors_of_the_launch_flags(capsys, monkeypatch):
     import torch
 

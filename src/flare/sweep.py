@@ -19,12 +19,14 @@ import argparse
 import contextlib
 import gc
 import importlib.util
+import json
 import logging
 import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,13 @@ class Job:
     argv: list[str]
     done_files: tuple[Path, ...]  # the job is finished when all exist; () = always run
     deps: tuple[str, ...] = ()  # names of the jobs that must finish first (stage 1 of the seed, the translations)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory of a training job (where its checkpoints go); None for other jobs."""
+        if self.argv and self.argv[0] in ("run.py", "run_task_ft.py") and self.done_files:
+            return self.done_files[0].parent
+        return None
 
     @property
     def finished(self) -> bool:
@@ -86,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_dir", default=None, help="job logs (default OUTPUT_DIR/logs)")
     g.add_argument("--partition", default=None, help="Slurm partition")
     g.add_argument("--account", default=None, help="Slurm account")
+    g.add_argument("--slurm_qos", default=None, help="Slurm QOS")
+    g.add_argument("--slurm_constraint", default=None, help="Slurm constraint (e.g. a100|h100)")
+    g.add_argument("--slurm_setup", nargs="+", default=None, metavar="LINE",
+                   help="lines each Slurm job runs before its command, e.g. 'module load cuda/12.4' "
+                        "'source .venv/bin/activate'")
     g.add_argument("--gpus_per_job", type=int, default=1,
                    help="GPUs per job (default 1); with more, a training job runs under torchrun, one process per "
                         "GPU (DDP): --gpus 0,1,2,3 --gpus_per_job 2 runs two jobs side by side, or one Slurm job "
@@ -135,7 +149,8 @@ def check_args(args: argparse.Namespace) -> None:
         if args.gpus_per_job < 1 or len(ids) % args.gpus_per_job:
             raise UsageError(f"--gpus {args.gpus}: {len(ids)} GPUs do not split into jobs of --gpus_per_job "
                              f"{args.gpus_per_job}")
-    slurm_flags = [f"--{n}" for n in ("partition", "account") if getattr(args, n)]
+    slurm_flags = [f"--{n}" for n in ("partition", "account", "slurm_qos", "slurm_constraint", "slurm_setup")
+                   if getattr(args, n)]
     if slurm_flags and args.launcher != "slurm":
         raise UsageError(f"{' '.join(slurm_flags)} are Slurm flags; add --launcher slurm")
     if args.launcher:
@@ -391,35 +406,149 @@ def _schedule(pending, free, running, ran, skipped, failed, finished, log_dir, p
     return ran, skipped, failed
 
 
+class ResumableCommand:
+    """A submitit job that runs one command line, and on a time limit or a preemption requeues ITSELF resuming from
+    its last checkpoint (``--resume_from_checkpoint last``; submitit calls :meth:`checkpoint` on the signal Slurm
+    sends before the end, then requeues the job with what it returns). The command's process group is stopped first.
+    A failed command raises, as submitit's ``CommandFunction`` does."""
+
+    def __init__(self, cmd: list[str], cwd: str, run_dir: str | None = None):
+        self.cmd, self.cwd, self.run_dir = list(cmd), cwd, run_dir
+        self._proc = None
+
+    def __getstate__(self):  # the running process does not travel with a requeued job
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _proc=None)
+
+    def __call__(self) -> int:
+        print("running: " + shlex.join(self.cmd), flush=True)
+        self._proc = subprocess.Popen(self.cmd, cwd=self.cwd, start_new_session=True)
+        code = self._proc.wait()
+        if code != 0:
+            raise RuntimeError(f"command failed with exit {code}: {shlex.join(self.cmd)}")
+        return code
+
+    def resumed(self) -> list[str]:
+        """The command that resumes from the run's last checkpoint, if it has one (else the same command)."""
+        has_ckpt = self.run_dir is not None and any(Path(self.run_dir).glob("checkpoint-*"))
+        if not has_ckpt or "--resume_from_checkpoint" in self.cmd:
+            return list(self.cmd)
+        return [*self.cmd, "--resume_from_checkpoint", "last"]
+
+    def checkpoint(self, *args, **kwargs):
+        import signal
+
+        from submitit.helpers import DelayedSubmission
+
+        if self._proc is not None:
+            # called from a signal handler while __call__ is inside Popen.wait(), which holds the Popen's lock:
+            # reap with os.waitpid, not with the Popen
+            pid = self._proc.pid
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.time() + 60
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    if time.time() > deadline:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(pid, signal.SIGKILL)
+                        deadline = float("inf")
+                    time.sleep(0.1)
+        logger.info("requeued, resuming: %s", shlex.join(self.resumed()))
+        return DelayedSubmission(ResumableCommand(self.resumed(), self.cwd, self.run_dir))
+
+
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
+SUBMITTED_FILE = "submitted.json"  # in the log folder: job name -> {"job_id", "run_dir"}
+
+
+def job_state(launcher: str, job_id: str) -> str:
+    """A submitted job's state: Slurm's (``squeue``; "" once it has left the queue) or, for the local executor
+    (job id = process id), RUNNING while that process lives."""
+    if launcher == "local":
+        try:
+            os.kill(int(job_id), 0)
+        except (ProcessLookupError, ValueError):
+            return ""
+        except PermissionError:
+            return "RUNNING"
+        return "RUNNING"
+    out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+
+
 def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
-                 python: str = sys.executable) -> tuple[list, list, list]:
+                 python: str = sys.executable,
+                 state: Callable[[str, str], str] = job_state) -> tuple[list, list, list]:
     """Every unfinished job through submitit. Slurm: each job submitted with ``afterok`` dependencies on its
     predecessors' Slurm jobs, all at once; local (submitit's local executor, no dependency support): submitted
-    wave by wave, each job once its predecessors have finished. Logs: submitit's per-job files in ``log_dir``."""
+    wave by wave, each job once its predecessors have finished. Logs: submitit's per-job files in ``log_dir``.
+
+    Each job is a :class:`ResumableCommand` (a time limit or preemption requeues it from its last checkpoint) named
+    after its run; a job that needs several GPUs is one job running torchrun. The submitted job ids are recorded in
+    ``log_dir/submitted.json`` as they are submitted: a re-run of the sweep does not submit a run whose job is still
+    pending or running (its dependents wait for that job). A submission that fails (e.g. a per-user cap) is
+    reported, its dependents are not submitted, and the jobs already submitted stay recorded."""
     import submitit
-    from submitit.helpers import CommandFunction
+
+    from flare.files import write_json_atomic
 
     executor = submitit.AutoExecutor(folder=log_dir / "%j", cluster=args.launcher)
     params = dict(timeout_min=args.time_min, cpus_per_task=args.cpus_per_job, mem_gb=args.mem_gb,
                   gpus_per_node=args.gpus_per_job, nodes=1, tasks_per_node=1, name="flare")
     if args.launcher == "slurm":
-        params.update({k: v for k, v in (("slurm_partition", args.partition), ("slurm_account", args.account))
-                       if v})
+        params.update({k: v for k, v in (("slurm_partition", args.partition), ("slurm_account", args.account),
+                                         ("slurm_qos", getattr(args, "slurm_qos", None)),
+                                         ("slurm_constraint", getattr(args, "slurm_constraint", None)),
+                                         ("slurm_setup", getattr(args, "slurm_setup", None))) if v})
     executor.update_parameters(**params)
     ran, skipped, failed = [], [], []
-    submitted: dict[str, object] = {}
-    pending = list(jobs)
+    submitted: dict[str, object] = {}  # job name -> submitit job (this sweep's)
+    elsewhere: dict[str, str] = {}  # job name -> id of a job an earlier sweep submitted, still queued or running
+    log_dir.mkdir(parents=True, exist_ok=True)
+    record_path = log_dir / SUBMITTED_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    pending = []
+    for job in jobs:
+        old = record.get(job.name, {}).get("job_id")
+        if old and not job.finished and state(args.launcher, str(old)) in ACTIVE_STATES:
+            logger.info("already queued or running as job %s (not submitted again): %s", old, job.name)
+            elsewhere[job.name] = str(old)
+        else:
+            pending.append(job)
 
-    def submit(job: Job):
-        if args.launcher == "slurm":
-            ids = [submitted[d].job_id for d in job.deps if d in submitted]
+    def job_id(name: str) -> str | None:
+        return submitted[name].job_id if name in submitted else elsewhere.get(name)
+
+    def submit(job: Job) -> bool:
+        if (dep := blocked_by(job, failed)) is not None:  # (Slurm submits a whole wave: a predecessor's sbatch failed)
+            logger.error("not submitted, %s failed: %s", dep, job.name)
+            failed.append(job.name)
+            return False
+        ids = [i for i in (job_id(d) for d in job.deps) if i]
+        extra = {}
+        if args.launcher == "slurm" and ids:
             # kill_on_invalid_dep: a job whose predecessor failed ends (and is reported) instead of pending forever
-            executor.update_parameters(slurm_additional_parameters=(
-                {"dependency": "afterok:" + ":".join(ids), "kill_on_invalid_dep": "yes"} if ids else {}))
-        cmd = command(job, python)
-        submitted[job.name] = executor.submit(CommandFunction(cmd, cwd=os.getcwd(), verbose=True))
+            extra = {"dependency": "afterok:" + ":".join(ids), "kill_on_invalid_dep": "yes"}
+        name = "flare-" + log_name(job)[:-len(".log")]
+        executor.update_parameters(name=name, **({"slurm_additional_parameters": extra}
+                                                 if args.launcher == "slurm" else {}))
+        cmd = distributed(command(job, python), args.gpus_per_job)
+        try:
+            run_dir = str(job.run_dir) if job.run_dir else None
+            submitted[job.name] = executor.submit(ResumableCommand(cmd, os.getcwd(), run_dir))
+        except Exception as e:  # noqa: BLE001 - sbatch refused (a cap, a bad partition): report, keep going
+            logger.error("FAILED to submit %s: %s", job.name, str(e).strip().splitlines()[-1] if str(e) else e)
+            failed.append(job.name)
+            return False
+        record[job.name] = {"job_id": submitted[job.name].job_id, "run_dir": run_dir}
+        write_json_atomic(record_path, record)
         logger.info("submitted %s: %s (log %s)", submitted[job.name].job_id, job.name,
                     submitted[job.name].paths.stdout)
+        return True
 
     def collect(name: str) -> None:
         sub = submitted[name]
@@ -440,9 +569,13 @@ def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
                 wave.append(job)
                 pending.remove(job)
         if not wave and pending:  # local: the rest waits for jobs that are still running
+            if any(d in elsewhere for job in pending for d in job.deps):
+                for job in pending:
+                    logger.error("not submitted, it waits for a job of an earlier sweep that is still running: %s",
+                                 job.name)
+                break
             raise RuntimeError("sweep: no job can start; a dependency is missing from the plan")
-        for job in wave:
-            submit(job)
+        wave = [job for job in wave if submit(job)]
         for job in wave:
             collect(job.name)
     return ran, skipped, failed
