@@ -204,6 +204,11 @@ def collect(args, choice: dict) -> None:
                 continue  # a run of another seed or language (e.g. of an earlier, larger grid) is not this study's
             rel = res.parent.relative_to(work / sub)
             copy_run(res.parent, results / dest / rel)
+    # the MT's own record (what it was trained on, chrF/BLEU against the human translation), per direction
+    for meta in sorted((work / "translations" / "nusax").glob(f"translate-*-{args.mt}/meta.json")):
+        dest = results / "translations" / meta.parent.name
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(meta, dest / meta.name)
     if args.mt == "reference":
         selection = {"folder": "selection", "language": args.select_lang, "seed": args.seeds[0],
                      "budgets": args.budgets, "metric": "validation macro-F1 of the best checkpoint",
