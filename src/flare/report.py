@@ -172,12 +172,13 @@ def table_rows(table: dict, metric: str) -> list[list[str]]:
 # the comparison; each run's metric is recomputed from W-weighted per-item statistics (exact: W = 1 gives the
 # recorded metric) and the replicate's statistic is the mean over (language, seed) of row - baseline.
 def predictions_of(res: dict) -> list[dict] | None:
-    """The ``predictions_*.jsonl`` beside a result file (None when it is absent)."""
-    path = Path(res["_path"])
-    pred = path.with_name(path.name.replace("results_", "predictions_", 1)).with_suffix(".jsonl")
-    if not pred.is_file():
-        return None
-    return [json.loads(line) for line in pred.read_text().splitlines() if line.strip()]
+    """The ``predictions_*.jsonl`` beside a result file (None when it is absent); read once per result."""
+    if "_predictions" not in res:
+        path = Path(res["_path"])
+        pred = path.with_name(path.name.replace("results_", "predictions_", 1)).with_suffix(".jsonl")
+        res["_predictions"] = ([json.loads(line) for line in pred.read_text().splitlines() if line.strip()]
+                               if pred.is_file() else None)
+    return res["_predictions"]
 
 
 def item_statistics(task: str, metric: str, records: list[dict], ids: list[str]) -> np.ndarray:
@@ -263,8 +264,15 @@ def paired(table: dict, metric: str, a: tuple, b: tuple) -> list[tuple[str, int,
 def significance(table: dict, metric: str, task: str | None = None) -> list[dict]:
     """Every FLARE / FLARE MT row against translate-train LoRA and input-level fusion: the per-(language, seed)
     differences (counted better / worse), their mean, the item-level bootstrap interval and p-value, and Holm's
-    correction over all comparisons of the table. Comparisons whose runs lack predictions files are skipped."""
-    task = task or next(iter(table["runs"].values()))["task"]
+    correction over all comparisons of the table. Comparisons whose runs lack predictions files are skipped.
+    Computed once per table and metric (the markdown is written for the report, the README and the terminal)."""
+    cache = table.setdefault("_significance", {})
+    if metric not in cache:
+        cache[metric] = _significance(table, metric, task or next(iter(table["runs"].values()))["task"])
+    return cache[metric]
+
+
+def _significance(table: dict, metric: str, task: str) -> list[dict]:
     out = []
     for r in table["rows"]:
         if r[0] not in ("flare", "flare-mt"):

@@ -36,6 +36,7 @@ from flare.errors import FlareError, UsageError
 logger = logging.getLogger("flare.sweep")
 
 REPO = Path(__file__).resolve().parents[2]
+TRAINING_SCRIPTS = ("run.py", "run_task_ft.py")  # jobs that train: checkpoints to resume from, DDP over several GPUs
 MODES = ("zero-shot", "translate-test", "lora", "input-fusion", "flare", "flare-mt")
 
 
@@ -49,7 +50,7 @@ class Job:
     @property
     def run_dir(self) -> Path | None:
         """The run directory of a training job (where its checkpoints go); None for other jobs."""
-        if self.argv and self.argv[0] in ("run.py", "run_task_ft.py") and self.done_files:
+        if self.argv and self.argv[0] in TRAINING_SCRIPTS and self.done_files:
             return self.done_files[0].parent
         return None
 
@@ -131,7 +132,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.gpus and args.launcher:
         raise UsageError("--gpus runs the jobs on this node, --launcher submits them; pass one of them")
     if args.gpus is not None:
-        ids = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        ids = gpu_ids(args.gpus)
         if not ids or not all(g.isdigit() or is_device_uuid(g) for g in ids):
             raise UsageError(f"--gpus {args.gpus!r}: give GPU ids (0,1,2,3, numbered as this process sees them) or "
                              "GPU-/MIG- UUIDs (nvidia-smi -L)")
@@ -268,6 +269,32 @@ def settle(job: Job, skipped: list[str], failed: list[str], prefix: str = "") ->
     return False
 
 
+def gpu_ids(spec: str) -> list[str]:
+    """The entries of ``--gpus``."""
+    return [g.strip() for g in spec.split(",") if g.strip()]
+
+
+def stop_process_groups(groups: list[tuple[int, Callable[[], bool]]], grace_s: float = 30.0) -> None:
+    """SIGTERM to each ``(pid, exited)`` process group (a job with every process it started, torchrun's workers
+    too), then SIGKILL to those whose ``exited()`` is still false after ``grace_s``."""
+    import signal
+
+    for pid, _ in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    waiting = list(groups)
+    while waiting:
+        waiting = [(pid, exited) for pid, exited in waiting if not exited()]
+        if waiting and time.time() > deadline:
+            for pid, _ in waiting:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            deadline = float("inf")
+        if waiting:
+            time.sleep(0.1)
+
+
 def is_device_uuid(gpu: str) -> bool:
     """A GPU or MIG instance UUID as ``nvidia-smi -L`` prints it (CUDA_VISIBLE_DEVICES accepts both)."""
     return gpu.startswith(("GPU-", "MIG-")) and len(gpu) > 4
@@ -301,7 +328,7 @@ def distributed(cmd: list[str], nproc: int) -> list[str]:
     """A training script's command line under ``torchrun`` with one process per GPU (DDP); other jobs (the
     translations) run as they are, on the first GPU of their slot."""
     script = Path(cmd[1]).name if len(cmd) > 1 else ""
-    if nproc <= 1 or script not in ("run.py", "run_task_ft.py"):
+    if nproc <= 1 or script not in TRAINING_SCRIPTS:
         return cmd
     return [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
 
@@ -350,59 +377,46 @@ def run_parallel(jobs: list[Job], gpus: list[str], log_dir: Path, python: str = 
 
     def stop(signum, _frame):
         logger.error("sweep: signal %d, stopping %d running job(s)", signum, len(running))
-        for _, proc, _, _ in running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.time() + 30
-        for _, proc, _, _ in running.values():
-            try:
-                proc.wait(timeout=max(deadline - time.time(), 0.1))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_groups([(proc.pid, lambda proc=proc: proc.poll() is not None)
+                             for _, proc, _, _ in running.values()])
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _schedule(pending, free, running, ran, skipped, failed, finished, log_dir, python, poll_s,
-                         gpus_per_job)
+        while pending or running:
+            for job in list(pending):
+                if settle(job, skipped, failed):
+                    pending.remove(job)
+                elif free and all(finished(d) for d in job.deps):
+                    gpu = free.pop(0)
+                    log = open(log_dir / log_name(job), "w")  # noqa: SIM115 - closed when the job ends
+                    cmd = distributed(command(job, python), gpus_per_job)
+                    log.write(shlex.join(cmd) + "\n")
+                    log.flush()
+                    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+                    # its own process group: a stop reaches every process it started (torchrun's workers)
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                            start_new_session=True)
+                    running[gpu] = (job, proc, time.time(), log)
+                    pending.remove(job)
+                    logger.info("GPU %s: %s (log %s)", gpu, job.name, log.name)
+            for gpu, (job, proc, t0, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[gpu]
+                free.append(gpu)
+                if proc.returncode == 0:
+                    logger.info("done in %.0f s on GPU %s: %s", time.time() - t0, gpu, job.name)
+                    ran.append(job.name)
+                else:
+                    logger.error("FAILED (exit %d): %s; log: %s", proc.returncode, job.name, log.name)
+                    failed.append(job.name)
+            if running or pending:
+                time.sleep(poll_s)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _schedule(pending, free, running, ran, skipped, failed, finished, log_dir, python, poll_s, gpus_per_job):
-    while pending or running:
-        for job in list(pending):
-            if settle(job, skipped, failed):
-                pending.remove(job)
-            elif free and all(finished(d) for d in job.deps):
-                gpu = free.pop(0)
-                log = open(log_dir / log_name(job), "w")  # noqa: SIM115 - closed when the job ends
-                cmd = distributed(command(job, python), gpus_per_job)
-                log.write(shlex.join(cmd) + "\n")
-                log.flush()
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-                # its own process group: a stop reaches every process it started (torchrun's workers)
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                        start_new_session=True)
-                running[gpu] = (job, proc, time.time(), log)
-                pending.remove(job)
-                logger.info("GPU %s: %s (log %s)", gpu, job.name, log.name)
-        for gpu, (job, proc, t0, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[gpu]
-            free.append(gpu)
-            if proc.returncode == 0:
-                logger.info("done in %.0f s on GPU %s: %s", time.time() - t0, gpu, job.name)
-                ran.append(job.name)
-            else:
-                logger.error("FAILED (exit %d): %s; log: %s", proc.returncode, job.name, log.name)
-                failed.append(job.name)
-        if running or pending:
-            time.sleep(poll_s)
     return ran, skipped, failed
 
 
@@ -438,24 +452,20 @@ class ResumableCommand:
         return [*self.cmd, "--resume_from_checkpoint", "last"]
 
     def checkpoint(self, *args, **kwargs):
-        import signal
-
         from submitit.helpers import DelayedSubmission
 
         if self._proc is not None:
             # called from a signal handler while __call__ is inside Popen.wait(), which holds the Popen's lock:
             # reap with os.waitpid, not with the Popen
             pid = self._proc.pid
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.time() + 60
-            with contextlib.suppress(ChildProcessError):
-                while os.waitpid(pid, os.WNOHANG) == (0, 0):
-                    if time.time() > deadline:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(pid, signal.SIGKILL)
-                        deadline = float("inf")
-                    time.sleep(0.1)
+
+            def exited() -> bool:
+                try:
+                    return os.waitpid(pid, os.WNOHANG) != (0, 0)
+                except ChildProcessError:
+                    return True
+
+            stop_process_groups([(pid, exited)], grace_s=60)
         logger.info("requeued, resuming: %s", shlex.join(self.resumed()))
         return DelayedSubmission(ResumableCommand(self.resumed(), self.cwd, self.run_dir))
 
@@ -473,8 +483,8 @@ def job_state(launcher: str, job_id: str) -> str:
             os.kill(int(job_id), 0)
         except (ProcessLookupError, ValueError):
             return ""
-        except PermissionError:
-            return "RUNNING"
+        except PermissionError:  # alive, another user's
+            pass
         return "RUNNING"
     out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
@@ -594,8 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run or not (args.gpus or args.launcher):
         ran, skipped, failed = run_jobs(jobs, args.dry_run, in_process=args.in_process)
     elif args.gpus:
-        ran, skipped, failed = run_parallel(jobs, [g.strip() for g in args.gpus.split(",") if g.strip()], log_dir,
-                                            gpus_per_job=args.gpus_per_job)
+        ran, skipped, failed = run_parallel(jobs, gpu_ids(args.gpus), log_dir, gpus_per_job=args.gpus_per_job)
     else:
         ran, skipped, failed = run_submitit(jobs, args, log_dir)
     logger.info("sweep: %d ran, %d skipped (finished), %d failed", len(ran), len(skipped), len(failed))

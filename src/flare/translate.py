@@ -13,6 +13,7 @@ atomically (write, then rename).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -280,9 +281,9 @@ def train_lexical(task: str, src: str, tgt: str, data_dir: str | Path | None):
     try:
         source = load_task(task, src, "train", data_dir)
         target = parallel_target(task, src, tgt, "train", data_dir, source, backend="lexical")
+    except TranslationError:
+        raise
     except (ValueError, FileNotFoundError) as e:
-        if isinstance(e, TranslationError):
-            raise
         raise TranslationError(f"--model lexical is trained on the parallel TRAINING split of {task} ({src} and "
                                f"{tgt}), which could not be read: {e}") from e
     pairs_src = [str(x) for f in FIELDS[task] for x in source[f]]
@@ -362,10 +363,9 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
     targets = {s: output_path(job.output_dir, job.task, s, src, tgt_lang.code, job.model_name) for s in splits}
     todo = [s for s, p in targets.items() if job.overwrite or not p.is_file()]
     meta_path = job.folder / META_FILE
-    meta = read_meta(meta_path)
     if not todo:
         logger.info("all %d files exist in %s (pass --overwrite to redo)", len(targets), job.folder)
-        return meta
+        return read_meta(meta_path)
     sources = {s: _source(job, src, s) for s in todo}  # fail early on missing data
     if job.max_samples:
         sources = {s: d.select(range(min(job.max_samples, len(d)))) for s, d in sources.items()}
@@ -439,12 +439,10 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
         if stats.truncated:
             logger.warning("%s: %d inputs longer than --max_length %d were truncated", split, stats.truncated,
                            job.max_length)
-        meta = update_meta(meta_path, top, targets[split].stem, entry)
+        update_meta(meta_path, top, targets[split].stem, entry)
         logger.info("wrote %s (%d rows, %.1f s)", targets[split], len(df), stats.seconds)
-    try:  # a sibling process may be using or removing it at the same moment
+    with contextlib.suppress(OSError):  # not empty, or a sibling process removed it at the same moment
         (job.folder / ".partial").rmdir()
-    except OSError:
-        pass
     return read_meta(meta_path)
 
 
@@ -452,7 +450,7 @@ def read_meta(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def update_meta(path: Path, top: dict, key: str, entry: dict) -> dict:
+def update_meta(path: Path, top: dict, key: str, entry: dict) -> None:
     """Add one file's entry (``splits[key]``, key = the file's stem, e.g. ``test_jav-en``: the folder of English
     translations holds every language's test set) to ``meta.json``, under an exclusive lock, re-reading the file
     first: parallel translation jobs writing into one folder keep each other's entries."""
@@ -465,4 +463,3 @@ def update_meta(path: Path, top: dict, key: str, entry: dict) -> dict:
         meta.update(top)
         meta.setdefault("splits", {})[key] = entry
         atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=2, ensure_ascii=False)))
-    return meta
