@@ -225,3 +225,23 @@ def test_gradient_accumulation_computes_the_full_batch(tmp_path, no_dropout_mode
         assert stage1.main([*common, *flags, "--output_dir", str(tmp_path / name)]) == 0
     w = [load_file(tmp_path / n / "nusax-en-xlm-roberta-3" / "adapter_model.safetensors") for n in ("full", "accum")]
     assert max((w[0][k] - w[1][k]).abs().max().item() for k in w[0]) < 1e-5
+
+
+@pytest.mark.parametrize("model,task", [("xlm-roberta", "nusax"), ("xlm-roberta", "tydiqa"),
+                                        pytest.param("llama", "nusax", marks=pytest.mark.slow)])
+def test_evaluation_is_sharded_across_ranks_and_gathered_in_order(tmp_path, tiny_models, model, task):
+    """Under DDP each rank evaluates its share of the batches (an odd number of them here: 3 and 2 of 5, or 2 and 2
+    of 4) and every rank ends with all predictions, in the examples' order: the predictions, generated texts and
+    metrics of one process, on both ranks (so both pick the same best checkpoint). Regression: every rank ran the
+    whole evaluation."""
+    worker = "tests/shard_eval_worker.py"
+    launch(worker, [str(tiny_models / model), task, str(tmp_path / "one.json")], 1)
+    launch(worker, [str(tiny_models / model), task, str(tmp_path / "two.json")], 2)
+    one = json.loads((tmp_path / "one.json").read_text())
+    ranks = [json.loads((tmp_path / f"two.json.rank{r}").read_text()) for r in (0, 1)]
+    n = one["n_batches"]
+    assert one["batches_run"] == n and [r["batches_run"] for r in ranks] == [(n + 1) // 2, n // 2]
+    for rank in ranks:
+        assert rank["predictions"] == one["predictions"]
+        assert rank["outputs"] == one["outputs"]
+        assert rank["metrics"] == one["metrics"]

@@ -544,3 +544,45 @@ def test_frozen_stage1_adapter_applies_no_dropout_in_stage2_training(world, tmp_
         model.train()
         trained = model(**inputs).logits
     assert torch.equal(trained, evaluated)
+
+
+def test_gemma_tied_embedding_is_trained_as_one_matrix_in_stage2(world, tmp_path):
+    """Gemma ties lm_head to the input embedding. Stage 1 trains the tied matrix (one weight for both); stage 2 must
+    train it as one too, as the original did: the new adapter's embedding copy and head copy are one trainable
+    Parameter, active, starting from stage 1's, and after training steps the embedding the model reads equals the
+    head it predicts with. Regression: the new adapter trained a head copy only, which drifted from a frozen
+    stage-1 embedding (0.02 after 2 steps)."""
+    import torch
+
+    from flare.config import resolve_model
+    from flare.models.loading import load_checked, load_model, lora_config
+    from flare.models.stack import NEW, STAGE1, stack_new_adapter
+
+    spec = resolve_model(str(world["models"] / "gemma2"))
+    model = load_checked(load_model(spec, "tydiqa", quantize="none", device="cpu", bf16=False),
+                         world["ck"] / "tydiqa-en-gemma2-3", is_trainable=False, adapter_name=STAGE1)
+    stage1_weight = model.get_input_embeddings().modules_to_save[STAGE1].weight.detach().clone()
+    model = stack_new_adapter(model, lora_config(spec, "tydiqa", r=4, alpha=8, dropout=0.0, target_modules=None,
+                                                 freeze_head=False))
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert embed.modules_to_save[NEW].weight is head.modules_to_save[NEW].weight
+    assert embed.active_adapters == head.active_adapters == [NEW]
+    assert embed.modules_to_save[NEW].weight.requires_grad and torch.equal(embed.modules_to_save[NEW].weight,
+                                                                           stage1_weight)
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    used = embed.modules_to_save[embed.active_adapters[0]].weight
+    assert not torch.equal(used, stage1_weight)  # the embedding the model reads was trained
+    assert torch.equal(used, head.modules_to_save[head.active_adapters[0]].weight)
+
+    # end to end: the run's saved adapter restores one tied matrix
+    assert run2(world, "gemma2", "tydiqa", *train_flags(world, "tydiqa", "sw", "identity"), "--lr", "1e-2",
+                out=tmp_path) == 0
+    saved = load_file(str(next(tmp_path.glob("tydiqa-en-sw-gemma2-3-*")) / "adapter_model.safetensors"))
+    tied = [k for k in saved if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert tied and all(torch.equal(saved[k], saved[tied[0]]) for k in tied)
+    assert not torch.equal(saved[tied[0]], stage1_weight)

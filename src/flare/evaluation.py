@@ -4,7 +4,9 @@ An :class:`Evaluator` owns one evaluation set: the raw examples (for gold answer
 their model features. ``predict(model)`` runs the model (argmax, QA spans or greedy generation) and returns one
 prediction per example; ``score(predictions)`` gives the metrics; ``records(predictions)`` the JSONL lines.
 Batches are formed longest first (little padding: about half the compute on NusaX) and predictions are put back in
-the examples' order.
+the examples' order. Under DDP (``torchrun``), rank r runs batches r, r + N, r + 2N, ... of that order and the
+per-batch outputs are gathered on every rank: each example is evaluated once, every rank ends with the same
+predictions (so the same metrics and the same best checkpoint), and they equal a one-process run's, batch for batch.
 
 Decoders classify by greedy generation (``eval_mode="generate"``, the original) or by ``eval_mode="score"``: the
 label words ranked by their log-likelihood after the prompt (the sum over a label's tokens, as the training
@@ -25,6 +27,7 @@ from collections.abc import Callable
 import datasets
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from flare import qa
@@ -43,6 +46,13 @@ def _no_context(batch: dict) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def shard() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) in a plain run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class Evaluator:
     def __init__(self, task: str, spec: ModelSpec, tokenizer, examples: datasets.Dataset, max_length: int,
                  batch_size: int = 32, doc_stride: int = 128, max_answer_length: int = 30,
@@ -52,6 +62,7 @@ class Evaluator:
         self.task, self.info, self.spec, self.tokenizer = task, TASKS[task], spec, tokenizer
         self.label_rule = label_rule(task, parse) if self.info.kind == "cls" else None
         self.outputs: list[str] | None = None  # decoders: the raw generated texts of the last predict()
+        self.batches_run: int | None = None  # batches this process ran in the last predict() (its DDP share)
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"--eval_mode {eval_mode!r}: choose one of {', '.join(EVAL_MODES)}")
         if eval_mode == "score" and (spec.family != "decoder" or self.info.kind != "cls"):
@@ -87,14 +98,33 @@ class Evaluator:
     def model_inputs(self) -> tuple[str, ...]:
         return tuple(k for k in ("input_ids", "attention_mask", "token_type_ids") if k in self.features.column_names)
 
-    def batches(self, columns: tuple[str, ...] | None = None):
-        """Padded batches of the features in ``self.order``."""
+    def batches(self, columns: tuple[str, ...] | None = None, numbers=None):
+        """Padded batches of the features in ``self.order`` (only the batches ``numbers``, if given)."""
         columns = columns or self.model_inputs() + self.extra_columns
         collate = PadCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side, keep=columns,
                               pad_values=self.pad_values)
-        for start in range(0, len(self.order), self.batch_size):
+        for number in range(self._n_batches()) if numbers is None else numbers:
+            start = number * self.batch_size
             rows = self.features.select(self.order[start:start + self.batch_size])
             yield collate([{c: r[c] for c in columns} for r in rows])
+
+    def _map_batches(self, model, step: Callable[[dict], list], desc: str) -> list:
+        """``step(batch)`` (the batch on the model's device) for every batch, in batch order; under DDP each rank
+        runs its share (batches rank, rank + N, ...) and every rank receives all outputs. ``step`` returns one entry
+        per row of its batch; the result is the concatenation, in ``self.order``."""
+        rank, world = shard()
+        device = self._device(model)
+        mine = range(rank, self._n_batches(), world)
+        self.batches_run = len(mine)
+        outputs = {}
+        for number, batch in zip(mine, tqdm(self.batches(numbers=mine), desc=desc, leave=False, total=len(mine),
+                                            disable=rank != 0)):
+            outputs[number] = step({k: v.to(device) for k, v in batch.items()})
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, outputs)
+            outputs = {n: out for share in shares for n, out in share.items()}
+        return [row for n in range(self._n_batches()) for row in outputs[n]]
 
     # ------------------------------------------------------------------ predict
     @torch.no_grad()
@@ -120,42 +150,45 @@ class Evaluator:
         return {k: v for k, v in batch.items() if k not in self.extra_columns}
 
     def _classify(self, model) -> list[int]:
-        device, preds = self._device(model), []
-        for batch in tqdm(self.batches(), desc="eval", leave=False, total=self._n_batches()):
-            batch = {k: v.to(device) for k, v in batch.items()}
+        def step(batch):
             with self.batch_context(batch):
-                logits = model(**self._inputs(batch)).logits
-            preds += logits.argmax(-1).tolist()
+                return model(**self._inputs(batch)).logits.argmax(-1).tolist()
+
+        preds = self._map_batches(model, step, "eval")
         return [preds[k] for k in self._back]  # back to feature order
 
     def _extract(self, model) -> list[str]:
-        device, starts, ends = self._device(model), [], []
-        for batch in tqdm(self.batches(), desc="eval", leave=False, total=self._n_batches()):
-            batch = {k: v.to(device) for k, v in batch.items()}
+        def step(batch):  # rows of (start logits, end logits), padded to max_length
             with self.batch_context(batch):
                 out = model(**self._inputs(batch))
-            width = self.max_length
-            for logits, sink in ((out.start_logits, starts), (out.end_logits, ends)):
-                padded = torch.full((logits.shape[0], width), -1e9, dtype=torch.float32)
-                padded[:, : logits.shape[1]] = logits.float().cpu()
-                sink.append(padded.numpy())
+            padded = []
+            for logits in (out.start_logits, out.end_logits):
+                p = torch.full((logits.shape[0], self.max_length), -1e9, dtype=torch.float32)
+                p[:, : logits.shape[1]] = logits.float().cpu()
+                padded.append(p.numpy())
+            return list(zip(*padded))
+
+        rows = self._map_batches(model, step, "eval")
+        starts, ends = (np.stack([r[i] for r in rows]) if rows else np.zeros((0, self.max_length), np.float32)
+                        for i in (0, 1))
         # rows back to feature order
-        by_id = qa.postprocess_predictions(self.examples, self.features, np.concatenate(starts)[self._back],
-                                           np.concatenate(ends)[self._back], max_answer_length=self.max_answer_length)
+        by_id = qa.postprocess_predictions(self.examples, self.features, starts[self._back], ends[self._back],
+                                           max_answer_length=self.max_answer_length)
         return [by_id[i] for i in self.examples["id"]]
 
     def _generate(self, model) -> list:
-        device, outputs = self._device(model), []
         tok = self.tokenizer
-        for batch in tqdm(self.batches(), desc="generate", leave=False, total=self._n_batches()):
-            batch = {k: v.to(device) for k, v in batch.items()}
+
+        def step(batch):
             with self.batch_context(batch):
                 generated = model.generate(
                     **self._inputs(batch), max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 )
             new_tokens = generated[:, batch["input_ids"].shape[1]:]  # left padding: the prompt ends at the same column
-            outputs += tok.batch_decode(new_tokens, skip_special_tokens=True)
+            return tok.batch_decode(new_tokens, skip_special_tokens=True)
+
+        outputs = self._map_batches(model, step, "generate")
         outputs = [outputs[k] for k in self._back]  # back to feature order
         self.outputs = outputs
         if self.info.kind == "cls":
@@ -182,10 +215,7 @@ class Evaluator:
         return torch.stack(scores, -1)
 
     def _score_labels(self, model) -> list[int]:
-        device, preds = self._device(model), []
-        for batch in tqdm(self.batches(), desc="score", leave=False, total=self._n_batches()):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            preds += self.label_scores(model, batch).argmax(-1).tolist()
+        preds = self._map_batches(model, lambda batch: self.label_scores(model, batch).argmax(-1).tolist(), "score")
         self.outputs = None
         return [preds[k] for k in self._back]
 

@@ -68,6 +68,9 @@ MODES = ("zero-shot", "translate-test", "translate-train", "input-fusion", "flar
 ADAPTER_NAMES = {"translate-train": "lora-default", "input-fusion": "inputfusion", "flare-mt": "flare-fusemt"}
 STAGE1_MERGE = ("none", "exact", "requantize")
 STAGE1_TOLERANCE = 1e-5  # largest |logit| difference between the fresh stage-2 model and the stage-1 model
+# examples of the first validation batch that the start check runs: a decoder's full-vocabulary logits of a
+# whole batch are large (Gemma 2, 256k words x 384 tokens x 32 rows in fp32: 12.6 GB, held twice)
+PROBE_ROWS = 4
 
 
 class Stage1MismatchError(FlareError, RuntimeError):
@@ -370,7 +373,14 @@ def model_outputs(model, batch: dict, fusion=None):
     finally:
         model.train(was_training)
     fields = [out.logits] if getattr(out, "logits", None) is not None else [out.start_logits, out.end_logits]
-    return torch.cat([f.float().flatten().cpu() for f in fields])
+    return torch.cat([f.detach().flatten().cpu().float() for f in fields])  # no fp32 copy on the device
+
+
+def autocast_dtype(opts):
+    """The dtype training runs its matmuls in under --bf16 / --fp16 (None: fp32)."""
+    import torch
+
+    return torch.bfloat16 if opts.bf16 else torch.float16 if opts.fp16 else None
 
 
 def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None):
@@ -403,7 +413,7 @@ def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None
                         attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
                                                 or getattr(config, "attention_dropout", 0.0) or 0.0),
                         mt_encoder=mt, cache_source_states=cfg.cache_source_states,
-                        cache_limit_mb=cfg.cache_source_mb).attach()
+                        cache_limit_mb=cfg.cache_source_mb, state_dtype=autocast_dtype(o)).attach()
     start: dict = {}
     if reference is not None:
         diff = (model_outputs(model, probe, fusion) - reference).abs().max().item()
@@ -471,7 +481,7 @@ def run(cfg: Stage2Config) -> dict:
     if cfg.trains:  # the first validation batch also checks that stage 2 starts from the stage-1 model
         val_feats = _features(cfg, data.validation, tokenizer, mt, train=False)
         keep = ("input_ids", "attention_mask", "token_type_ids", *extra_columns(val_feats))
-        rows = val_feats.select(range(min(o.batch_size, len(val_feats))))
+        rows = val_feats.select(range(min(o.batch_size, PROBE_ROWS, len(val_feats))))
         probe = {k: v.to(cfg.device) for k, v in PadCollator(tokenizer.pad_token_id, tokenizer.padding_side,
                                                               keep=keep, pad_values=pad_values)(list(rows)).items()}
     model, fusion, start = build_model(cfg, tokenizer, probe, mt)

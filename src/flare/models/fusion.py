@@ -287,7 +287,8 @@ class Fusion:
     def __init__(self, model: nn.Module, *, layers: str, targets: tuple[str, ...], adapter: str, fusion_fn: str,
                  padding_side: str, cross_attention_heads: int = 1, attention_dropout: float = 0.0,
                  mt_encoder: MTEncoder | None = None, causal: bool | None = None,
-                 cache_source_states: bool = False, cache_limit_mb: float = 4096):
+                 cache_source_states: bool = False, cache_limit_mb: float = 4096,
+                 state_dtype: torch.dtype | None = None):
         if fusion_fn not in FUSION_FNS:
             raise ValueError(f"unknown fusion function {fusion_fn!r}; choose one of: {', '.join(FUSION_FNS)}")
         self.model, self.adapter, self.fn = model, adapter, fusion_fn
@@ -306,6 +307,11 @@ class Fusion:
         model.add_module("flare_fusion", self.modules)
         self.calls = {"train": 0, "eval": 0}
         self.cache = SourceCache(cache_limit_mb) if cache_source_states else None
+        # the dtype the source states are kept in (None: as computed). Stage 2 passes bf16/fp16 under --bf16/--fp16:
+        # the LoRA A matmul runs under that autocast anyway, so nothing is lost without dropout (with dropout, one
+        # extra rounding before its 1/(1-p) scaling); 4-bit models compute their residual stream in fp32
+        # (peft upcasts the norms and embeddings), so this halves the states of every batch and of the cache
+        self.state_dtype = state_dtype
         self._state: _State | None = None
         self._handles: list = []
 
@@ -389,19 +395,32 @@ class Fusion:
         answer_len = (batch["labels"] != -100).sum(-1) if "labels" in batch and batch["labels"].dim() == 2 else None
         if self.mt is not None:
             ids, src_mask = batch["mt_input_ids"], batch["mt_attention_mask"].to(tgt_mask.device)
-            states = self._cached(ids, src_mask, lambda: [self.mt.encode(ids, src_mask)])
+            states = list(self._cached(ids, src_mask, lambda: self._kept([self.mt.encode(ids, src_mask)])))
             index, valid = align(src_mask, tgt_mask, self.padding_side, answer_len)
-            sources = gather_positions(states[0].to(tgt_mask.device), index, valid)
+            sources = gather_positions(states.pop(0).to(tgt_mask.device), index, valid)
         else:
             src_mask = batch["src_attention_mask"].to(tgt_mask.device)
-            states = self._cached(batch["src_input_ids"], src_mask, lambda: self.capture(batch))
+            pending = list(self._cached(batch["src_input_ids"], src_mask, lambda: self._kept(self.capture(batch))))
             index, valid = align(src_mask, tgt_mask, self.padding_side, answer_len)
-            sources = [gather_positions(h, index, valid) for h in states]
+            # layer by layer, each captured state freed once gathered (unless the cache keeps it): the batch holds
+            # one set of n_layers x (B, L, D) states, not the captured and the aligned set both
+            sources = []
+            while pending:
+                sources.append(gather_positions(pending.pop(0), index, valid))
         self._state = _State(sources, valid, tgt_mask)
         try:
             yield
         finally:
             self._state = None
+
+    def _kept(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The states in ``state_dtype`` (the list emptied as it goes: no two copies of every layer at once)."""
+        if self.state_dtype is None:
+            return states
+        kept = []
+        while states:
+            kept.append(states.pop(0).to(self.state_dtype))
+        return kept
 
     def _cached(self, ids: torch.Tensor, mask: torch.Tensor, compute) -> list[torch.Tensor]:
         """``compute()`` (n x (B, Ls, D)), or the same states from the source cache when it holds every row."""

@@ -8,8 +8,11 @@ update rounds away (measured: README, "Stage 1 and 4-bit merging"). So by defaul
 * the stage-1 adapter (``STAGE1``) stays on the, possibly quantised, base as a frozen peft adapter;
 * the new adapter (``NEW``, peft's ``default`` name, which Trainer checkpoints reload) is added on the same layers;
   every LoRA layer runs both (peft sums the active adapters' updates), only ``NEW`` is trainable;
-* trained heads (``modules_to_save``): ``NEW``'s copy starts as the stage-1 head; a wrapped module that ``NEW``
-  does not train (e.g. Gemma's tied input embedding) keeps its frozen stage-1 copy.
+* trained heads (``modules_to_save``): ``NEW``'s copy starts as the stage-1 head; a tied head (Gemma: ``lm_head`` IS
+  the input embedding) stays tied: ``NEW``'s embedding and head are one trainable matrix, as in stage 1 and in the
+  original, which trained the tied matrix in both stages (peft cannot see the tie through the stage-1 wrappers and
+  would train a head copy that drifts from a frozen embedding). A wrapped module that ``NEW`` does not train keeps
+  its frozen stage-1 copy.
 
 With a fresh ``NEW`` (``lora_B`` = 0) the model computes the stage-1 function bit for bit, quantised or not.
 :func:`stage1_only` switches ``NEW`` off for a block (the FLARE source pass) whether the model is stacked or merged.
@@ -19,11 +22,15 @@ Only public peft calls are used: ``add_adapter``, ``set_adapter`` of the model a
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 STAGE1 = "lora"  # the original's name of the stage-1 adapter
 NEW = "default"  # peft's default name: Trainer's checkpoint saving and best-model reloading use it
@@ -57,14 +64,35 @@ def is_stacked(model) -> bool:
 
 def stack_new_adapter(model: PeftModel, config) -> PeftModel:
     """Add ``NEW`` (from ``config``) on top of the loaded, frozen ``STAGE1`` adapter; returns the same model."""
-    model.add_adapter(NEW, config)
+    with warnings.catch_warnings():  # peft looks for the tie through the stage-1 wrappers, misses it and says so;
+        # _keep_tied restores it (and logs that it did)
+        warnings.filterwarnings("ignore", message="You have requested `ensure_weight_tying`, but no tied modules")
+        model.add_adapter(NEW, config)
     model.set_adapter(NEW)  # model level: the Trainer sees one active, trainable adapter
+    _keep_tied(model)
     for wrapper in _wrappers(model):
         copies = wrapper.modules_to_save if hasattr(wrapper, "modules_to_save") else {}
         if NEW in copies and STAGE1 in copies:  # the new head starts as the stage-1 head
             copies[NEW].load_state_dict(copies[STAGE1].state_dict())
     activate(model)
     return model
+
+
+def _keep_tied(model) -> None:
+    """If stage 1 trained the input embedding and the output head as one tied matrix (its two wrapped copies share
+    one weight) and ``NEW`` trains the head, ``NEW``'s embedding copy and head copy become one weight too."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not (isinstance(embed, AuxiliaryTrainingWrapper) and isinstance(head, AuxiliaryTrainingWrapper)):
+        return
+    copies_e, copies_h = embed.modules_to_save, head.modules_to_save
+    if STAGE1 not in copies_e or STAGE1 not in copies_h or copies_e[STAGE1].weight is not copies_h[STAGE1].weight:
+        return  # not tied in stage 1 (Llama)
+    if NEW not in copies_h:
+        return  # --freeze_lm_head: the stage-1 copy stays, frozen
+    if NEW not in copies_e:
+        embed.update(NEW)  # peft's own copy of the embedding module for NEW
+    copies_h[NEW].weight = copies_e[NEW].weight  # one Parameter: the head computes with the trained embedding
+    logger.info("tied input embedding and output head: the new adapter trains them as one matrix, as stage 1 did")
 
 
 def activate(model) -> None:
