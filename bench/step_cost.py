@@ -197,8 +197,9 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
     model, spec, vocab = build(model_key, args.device)
     decoder = spec.family == "decoder"
     mt_vocab = mt.encoder.config.vocab_size
+    cells = {name: CELLS[name] for name in CELLS if name in args.cells}
     fusions = {}
-    for name, (_, fn, cache, use_mt) in CELLS.items():
+    for name, (_, fn, cache, use_mt) in cells.items():
         if fn is not None:
             fusions[name] = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default",
                                    fusion_fn=fn, padding_side=spec.padding_side, causal=decoder,
@@ -207,9 +208,10 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
     params += [q for f in fusions.values() for q in f.modules.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5)
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
-    times = {c: [] for c in CELLS}
-    eval_rates = {c: [] for c in CELLS}
-    peaks = {c: 0 for c in CELLS}
+    times = {c: [] for c in cells}
+    tokens = {c: [] for c in cells}  # target tokens (not padding) of each timed step
+    eval_rates = {c: [] for c in cells}
+    peaks = {c: 0 for c in cells}
 
     def run(name, batch, train: bool):
         fusion = fusions.get(name)
@@ -231,7 +233,7 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
 
     per_round = max(args.steps // args.rounds, 1)
     for r in range(args.rounds):
-        for name, (layout, _, cache, _) in CELLS.items():
+        for name, (layout, _, cache, _) in cells.items():
             draws = [rng.sample(pairs_all, 8) for _ in range(per_round + (args.warmup if r == 0 else 0))]
             batches = [make_batch(d, layout, decoder, vocab, args.device, gen, mt_vocab) for d in draws]
             if cuda:
@@ -247,6 +249,7 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
                 sync()
                 if not (r == 0 and i < args.warmup):
                     times[name].append(time.perf_counter() - t0)
+                    tokens[name].append(int(batch["attention_mask"].sum()))
             sync()
             t0 = time.perf_counter()
             for batch in batches[-per_round:]:
@@ -257,10 +260,12 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**20)
     lora_ms = statistics.median(times["lora"]) * 1000
     rows = []
-    for name, (_, fn, cache, _) in CELLS.items():
+    for name, (_, fn, cache, _) in cells.items():
         ms = statistics.median(times[name]) * 1000
         rows.append({"model": model_key, "mode": name.split(" ")[0], "fusion_fn": fn, "cached": cache,
                      "train_step_ms": round(ms, 2),
+                     # the target input's tokens trained per second (input fusion: English + target)
+                     "train_tokens_per_s": round(sum(tokens[name]) / sum(times[name]), 1),
                      "eval_examples_per_s": round(statistics.median(eval_rates[name]), 1),
                      "peak_mb": round(peaks[name]) if cuda else None, "ratio_to_lora": round(ms / lora_ms, 3),
                      "steps": len(times[name])})
@@ -363,11 +368,13 @@ def table(out: dict) -> str:
     lines += ["", "| model | FLARE add_relu / LoRA (goal <= 1.30) | cached (<= 1.10) | FLARE MT (<= 1.15) | "
               "FLARE MT cached | FLARE add_relu / input fusion (<= 0.75) |", "|---|---|---|---|---|---|"]
     for model, cells in by_model.items():
-        fl = cells["FLARE add_relu"]
-        lines.append(f"| {model} | {fl['ratio_to_lora']:.2f} | {cells['FLARE add_relu, cached']['ratio_to_lora']:.2f} "
-                     f"| {cells['FLARE MT add_relu']['ratio_to_lora']:.2f} "
-                     f"| {cells['FLARE MT add_relu, cached']['ratio_to_lora']:.2f} "
-                     f"| {fl['train_step_ms'] / cells['input-fusion']['train_step_ms']:.2f} |")
+        def ratio(name, cells=cells):  # "-" for a cell not measured (--cells)
+            return f"{cells[name]['ratio_to_lora']:.2f}" if name in cells else "-"
+
+        fl, inp = cells.get("FLARE add_relu"), cells.get("input-fusion")
+        to_input = f"{fl['train_step_ms'] / inp['train_step_ms']:.2f}" if fl and inp else "-"
+        lines.append(f"| {model} | {ratio('FLARE add_relu')} | {ratio('FLARE add_relu, cached')} "
+                     f"| {ratio('FLARE MT add_relu')} | {ratio('FLARE MT add_relu, cached')} | {to_input} |")
     if out.get("eval_modes"):
         lines += ["", "| decoder classification | generate examples/s | score examples/s | "
                   "score speedup (goal >= 5) |", "|---|---|---|---|"]
@@ -398,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage-1 steps of the tiny Llama on which score and generate are compared (0: skip)")
     p.add_argument("--quick", action="store_true",
                    help="fewer steps (6 per cell, 2 rounds) and a shorter agreement run: same cells")
+    p.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS),
+                   help="the cells to measure (default: all; LoRA is always measured, every ratio is to it)")
+    p.add_argument("--skip_eval_modes", action="store_true",
+                   help="do not time a decoder's generate against --eval_mode score")
     p.add_argument("--lengths", default=str(REPO / "bench" / "nusax_token_lengths.json"))
     p.add_argument("--write_lengths", action="store_true", help="(re)compute --lengths from data/ and exit")
     p.add_argument("--out", default=None, help="default bench/results/step_cost[_cuda][_quick].json")
@@ -405,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_lengths:
         write_lengths(Path(args.lengths))
         return 0
+    if "lora" not in args.cells:
+        args.cells = ["lora", *args.cells]
     if args.quick:
         args.steps, args.rounds, args.warmup = 6, 2, 1
         args.agreement_steps = min(args.agreement_steps, 100)
@@ -417,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, eval_modes = [], []
     for model_key in args.models:
         rows += measure(model_key, args, pairs_all, mt)
-        if model_key != "me5-small":
+        if model_key != "me5-small" and not args.skip_eval_modes:
             eval_modes.append(decoder_eval_modes(model_key, args, pairs_all))
         if cuda:
             torch.cuda.empty_cache()
@@ -426,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU"
     out = {"machine": f"{device_name}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
            "date": datetime.date.today().isoformat(), "device": args.device, "batch_size": 8,
-           "lengths": Path(args.lengths).name, "quick": args.quick, "mt_shape": args.mt_shape, "goals": GOALS,
+           "lengths": Path(args.lengths).name, "quick": args.quick, "cells": args.cells,
+           "mt_shape": args.mt_shape, "goals": GOALS,
            "rows": rows, "eval_modes": eval_modes, "score_agreement": agreement,
            "bench_wall_s": round(time.perf_counter() - t_start, 1)}
     name = f"step_cost{'_cuda' if cuda else ''}{'_quick' if args.quick else ''}.json"

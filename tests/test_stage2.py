@@ -156,7 +156,10 @@ def test_cached_source_states_give_the_uncached_run(world, tmp_path, family, ext
     assert "source_cache_examples" not in plain
     # 16 training + 8 validation examples stored once; every later epoch and validation batch is served
     assert cached["source_cache_examples"] == 16 + 8 + 8  # + the 8 test examples (computed once)
-    assert cached["source_cache_hit_batches"] >= 2 * 2 + 3
+    # served: epochs 2-3 (2 batches each) and the 2nd and 3rd validation (1 batch); computed: the start check's
+    # probe (4 validation rows), epoch 1, the first validation (the probe held only half its rows) and the test
+    assert cached["source_cache_hit_batches"] == 2 * 2 + 2
+    assert cached["source_cache_miss_batches"] == 1 + 2 + 1 + 1
     # later epochs reuse states computed in another batch (other padding): rounding only. The 4-bit decoder's CPU
     # kernels round differently per input shape (about 1e-4 relative), which 6 steps at lr 1e-3 carry into the loss
     assert cached["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-3 if family == "llama" else 1e-5)
