@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -50,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flare.common_args import setup_logging
+
+    setup_logging()
     from flare.common_args import UsageError, fail, resolve_device
     from flare.errors import FlareError
     from flare.languages import check_task_language, resolve
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("max_length", "batch_size", "num_beams", "max_samples"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise UsageError(f"--{name} must be positive")
+        if args.model not in ("reference", "lexical"):  # an MT model: known before any data is read
+            from flare.config import resolve_model
+
+            if resolve_model(args.model, flag="--model").family != "seq2seq":
+                raise UsageError(f"--model {args.model} is not a translation model; use nllb-600m, nllb-3.3b, a "
+                                 "local NLLB/M2M100 directory, reference or lexical")
         shard = None
         if args.shard is not None:
             try:

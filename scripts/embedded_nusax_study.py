@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.results is None:
         args.results = "results/embedded-nusax" + ("" if args.mt == "reference" else f"-{args.mt}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flare.common_args import setup_logging
+
+    setup_logging()
     if not (Path(args.data_dir) / "nusax").is_dir():
         print(f"error: no NusaX data under {args.data_dir}/nusax; run from the repository root or pass --data_dir",
               file=sys.stderr)

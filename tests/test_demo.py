@@ -92,7 +92,8 @@ def test_converted_model_loads_strictly_and_tokenizes(me5_dir):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from flare.config import model_files, resolve_model
+    from flare.config import resolve_model
+    from flare.models.loading import model_files
 
     tok = AutoTokenizer.from_pretrained(me5_dir)
     assert tok("Hello world")["input_ids"] == [0, 35378, 8999, 2]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 from flare.config import MODEL_SPECS, TASKS
@@ -141,6 +143,29 @@ def check_bf16(bf16: bool, device: str, fp16: bool = False) -> None:
         raise UsageError("--bf16: this GPU has no native bf16 (it would only be emulated); use --fp16 instead")
     if device == "cpu" and not cpu_has_bf16():
         raise UsageError("--bf16: this CPU has no native bf16 (avx512_bf16/amx); drop --bf16 to train in fp32")
+
+
+class _Expected(logging.Filter):
+    """Drops log records that look like faults but are expected here (see ``setup_logging``)."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in str(record.msg) for f in self.fragments)
+
+
+def setup_logging() -> None:
+    """INFO logging for the entry points, without messages that are expected: bitsandbytes' notice that the optional
+    ``kernels`` package (its faster CPU 4-bit kernels from the hub) is not installed; every 4-bit path works
+    without it, and it is printed at import even when no 4-bit model is used; transformers' deprecation notice
+    for peft's use of ``is_gradient_checkpointing`` (peft's code, not ours)."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _Expected) for f in bnb.filters):
+        bnb.addFilter(_Expected("kernels-community", "pip install kernels"))
 
 
 def fail(message: str) -> int:

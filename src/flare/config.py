@@ -101,39 +101,26 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
-# model keys whose weights ship inside a Python package: key -> converter in flare.models.embedded (returns a folder)
-EMBEDDED = {"me5-small": "ensure_me5_small"}
 
-
-def resolve_model(plm: str) -> ModelSpec:
-    """Spec for a model key of ``MODEL_SPECS`` or a local Hugging Face model directory."""
-    if plm in MODEL_SPECS:  # embedded models keep their package reference; model_files() converts on load
+def resolve_model(plm: str, flag: str = "--plm") -> ModelSpec:
+    """Spec for a model key of ``MODEL_SPECS`` or a local Hugging Face model directory; error messages name
+    ``flag``, the flag the user typed it in."""
+    if plm in MODEL_SPECS:  # embedded models keep their package reference; loading converts them
         return MODEL_SPECS[plm]
     path = Path(plm)
     if not path.exists():
-        raise ValueError(f"unknown --plm {plm!r}: not a model key ({', '.join(MODEL_SPECS)}) nor an existing "
+        raise ValueError(f"unknown {flag} {plm!r}: not a model key ({', '.join(MODEL_SPECS)}) nor an existing "
                          f"local model directory")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"--plm {plm}: directory has no config.json; point --plm at a Hugging Face model folder "
+        raise ValueError(f"{flag} {plm}: directory has no config.json; point {flag} at a Hugging Face model folder "
                          "(save_pretrained output) or use a model key")
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in FAMILY_DEFAULTS:
-        raise ValueError(f"--plm {plm}: model_type {model_type!r} is not known; known model types: "
+        raise ValueError(f"{flag} {plm}: model_type {model_type!r} is not known; known model types: "
                          f"{', '.join(sorted(FAMILY_DEFAULTS))} (add a row to FAMILY_DEFAULTS in flare/config.py: "
                          "see docs/adding-a-model.md and python -m flare.models.inspect)")
     return _row(model_name(plm), str(path), model_type)
-
-
-def model_files(spec: ModelSpec) -> str:
-    """What ``from_pretrained`` loads for ``spec``: its hub id or folder, or, for a model shipped inside a Python
-    package (``EMBEDDED``), the converted folder (converted on first use, then cached). Called when a model or
-    tokenizer is loaded, never during flag checks, so the run config records the machine-independent reference."""
-    if spec.key in EMBEDDED and spec.hub_id == MODEL_SPECS[spec.key].hub_id:
-        from flare.models import embedded
-
-        return str(getattr(embedded, EMBEDDED[spec.key])())
-    return spec.hub_id
 
 
 def model_name(plm: str) -> str:

@@ -16,3 +16,11 @@ class UsageError(FlareError, ValueError):
 
 class CheckpointError(FlareError, RuntimeError):
     """A checkpoint is missing, incomplete, or belongs to another task or model."""
+
+
+class FusionError(FlareError, RuntimeError):
+    """Fusion is configured but cannot run (no source set, lengths that do not line up, missing modules)."""
+
+
+class HubError(FlareError, ConnectionError):
+    """A model or data set that had to come from the Hugging Face hub could not be reached."""

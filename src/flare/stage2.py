@@ -245,7 +245,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         raise UsageError(f"--path_mt {path_mt}: folder {path_mt.parent} does not exist; run run_translate.py first")
     mt_spec = None
     if mode == "flare-mt":
-        mt_spec = resolve_model(args.mt_model)
+        mt_spec = resolve_model(args.mt_model, flag="--mt_model")
         if mt_spec.family != "seq2seq":
             raise UsageError(f"--mt_model {args.mt_model} is not a translation (NLLB) model")
     target_modules = tuple(args.target_modules or spec.lora_targets)

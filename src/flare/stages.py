@@ -225,7 +225,7 @@ def training_arguments(cfg: RunConfig, n_train: int, label_names: tuple[str, ...
         label_names=list(label_names),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
         train_sampling_strategy="group_by_length" if o.group_by_length else "random",
-        gradient_checkpointing=False,  # enabled on the model itself (non-reentrant) when asked
+        activation_checkpointing=False,  # enabled on the model itself (non-reentrant) when asked
     )
 
 
@@ -256,7 +256,9 @@ def stage_main(build_parser: Callable[[], argparse.ArgumentParser], resolve_conf
     """Parse, validate every flag before a model loads, run; a project error (:class:`FlareError`) is one line on
     stderr and exit 2, never a traceback."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flare.common_args import setup_logging
+
+    setup_logging()
     try:
         cfg = resolve_config(args)
     except (FlareError, ValueError) as e:  # flag checks (some raise the builtin ValueError of a parser)

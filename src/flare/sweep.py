@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion_fns", nargs="+", default=["add_relu"], help="fusion functions for flare / flare-mt")
     p.add_argument("--seeds", nargs="+", type=int, default=[42], help="seeds")
     p.add_argument("--source_lang", default="en", help="source language")
-    p.add_argument("--mt", default="nllb-3.3b", help="translation model of run_translate.py (or 'reference')")
+    p.add_argument("--mt", default="nllb-3.3b",
+                   help="translation model of run_translate.py: an NLLB key or folder, 'reference' or 'lexical'")
     p.add_argument("--mt_model", default="nllb-600m", help="FLARE MT encoder")
     p.add_argument("--data_dir", default=None, help="local data root (default: the hub)")
     p.add_argument("--output_dir", default="checkpoints", help="root of the run directories")
@@ -168,6 +169,12 @@ def check_args(args: argparse.Namespace) -> None:
     from flare.stages import check_output_dir
 
     resolve_model(args.plm)
+    checked = {"--mt": args.mt} if args.mt not in ("reference", "lexical") else {}
+    if "flare-mt" in args.modes:
+        checked["--mt_model"] = args.mt_model
+    for flag, name in checked.items():
+        if resolve_model(name, flag=flag).family != "seq2seq":
+            raise UsageError(f"{flag} {name} is not a translation (NLLB/M2M100) model")
     for lang in (args.source_lang, *args.langs):
         check_task_language(args.task, lang)
     for folder in (args.output_dir, args.stage1_dir, args.translations):
@@ -593,7 +600,9 @@ def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flare.common_args import setup_logging
+
+    setup_logging()
     try:
         check_args(args)
     except (FlareError, ValueError) as e:

@@ -9,6 +9,7 @@ projection) are saved into every checkpoint and reloaded with the best one or on
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from flare.evaluation import Evaluator
+
+logger = logging.getLogger(__name__)
 
 
 class FlareTrainingArguments(TrainingArguments):
@@ -53,6 +56,23 @@ def precision_of(args: TrainingArguments) -> str:
     return "fp32"
 
 
+def align_special_tokens(model, tokenizer) -> dict:
+    """The model's config (and generation config) take the tokenizer's BOS/EOS/PAD ids, which is what the Trainer
+    does at the start of training, there with a warning that reads like a fault (a converted me5-small and our
+    pad-less decoders always get it). Returns what changed; ids the config lists (several EOS) are kept."""
+    configs = [model.config.get_text_config(), getattr(model, "generation_config", None)]
+    changed = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        for config in (c for c in configs if c is not None and value is not None):
+            current = getattr(config, name, None)
+            if current == value or (isinstance(current, list) and value in current):
+                continue
+            setattr(config, name, [*current, value] if isinstance(current, list) else value)
+            changed[name] = value
+    return changed
+
+
 class FlareTrainer(Trainer):
     """``save_adapters``: the peft adapters a checkpoint holds (stage 2: only the new one, not the frozen stage-1
     adapter under it); None saves every adapter, as Trainer does."""
@@ -60,6 +80,9 @@ class FlareTrainer(Trainer):
     def __init__(self, *args, evaluator: Evaluator, fusion=None, source_columns: tuple[str, ...] = (),
                  save_adapters: tuple[str, ...] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.processing_class is not None and (changed := align_special_tokens(self.model,
+                                                                                  self.processing_class)):
+            logger.debug("model config takes the tokenizer's special tokens: %s", changed)
         self.evaluator, self.fusion, self.source_columns = evaluator, fusion, tuple(source_columns)
         self.save_adapters = save_adapters
         if not is_causal_lm(self.model):

@@ -91,7 +91,7 @@ class NLLBTranslator:
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         try:
-            spec = resolve_model(model)
+            spec = resolve_model(model, flag="--model")
         except ValueError as e:
             raise TranslationError(str(e)) from e
         if spec.family != "seq2seq":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import datasets
 
-from flare.errors import FlareError
+from flare.errors import FlareError, HubError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,11 @@ def map_label(value, label_names: tuple[str, ...], where: str) -> int:
 
 def hub_load(path: str, name: str | None, split: str) -> datasets.Dataset:
     """Load one split of a hub dataset. Tests replace this function to feed in-memory hub-schema datasets."""
-    return datasets.load_dataset(path, name, split=split)
+    try:
+        return datasets.load_dataset(path, name, split=split)
+    except ConnectionError as e:
+        raise HubError(f"could not load the data set {path!r} from the Hugging Face hub ({e}); pass --data_dir "
+                       "data to read the repository's local copies, or run where the hub can be reached") from e
 
 
 def check_columns(ds: datasets.Dataset, required: tuple[str, ...], where: str) -> None:

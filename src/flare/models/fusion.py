@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flare.config import DECODER_FUSION_FNS, FUSION_FNS, MIXING_FNS  # noqa: F401 (re-exported)
-from flare.errors import FlareError
+from flare.errors import FusionError  # noqa: F401 (re-exported)
 from flare.models.stack import stage1_only
 
 if TYPE_CHECKING:
@@ -69,10 +69,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FUSION_FILE = "fusion_model.safetensors"
-
-
-class FusionError(FlareError, RuntimeError):
-    """Fusion is configured but cannot run (no source set, lengths that do not line up, missing modules)."""
 
 
 class _Captured(Exception):

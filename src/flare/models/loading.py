@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -11,14 +12,29 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file
 from torch import nn
 
-from flare.config import TASKS, ModelSpec, model_files
-from flare.errors import CheckpointError  # noqa: F401 (re-exported)
+from flare.config import MODEL_SPECS, TASKS, ModelSpec
+from flare.errors import CheckpointError, FusionError  # noqa: F401 (re-exported)
 from flare.files import ADAPTER_FILE, read_run_config  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 # reserved tokens that serve as pad without resizing the embeddings (Llama 3.x ships several)
 _RESERVED_PAD = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>")
+
+
+# model keys whose weights ship inside a Python package: key -> converter in flare.models.embedded (returns a folder)
+EMBEDDED = {"me5-small": "ensure_me5_small"}
+
+
+def model_files(spec: ModelSpec) -> str:
+    """What ``from_pretrained`` loads for ``spec``: its hub id or folder, or, for a model shipped inside a Python
+    package (``EMBEDDED``), the converted folder (converted on first use, then cached). Called when a model or
+    tokenizer is loaded, never during flag checks, so the run config records the machine-independent reference."""
+    if spec.key in EMBEDDED and spec.hub_id == MODEL_SPECS[spec.key].hub_id:
+        from flare.models import embedded
+
+        return str(getattr(embedded, EMBEDDED[spec.key])())
+    return spec.hub_id
 
 
 def task_kind(spec: ModelSpec, task: str) -> str:
@@ -69,15 +85,15 @@ def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: 
         kwargs.update(quantization_config=quant, device_map={"": device}, dtype=compute_dtype)
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
-    if kind == "lm":
-        model = AutoModelForCausalLM.from_pretrained(model_files(spec), **kwargs)
-    elif kind == "cls":
+    if kind == "cls":
         labels = TASKS[task].labels
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_files(spec), num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={w: i for i, w in enumerate(labels)}, **kwargs)
-    else:
-        model = AutoModelForQuestionAnswering.from_pretrained(model_files(spec), **kwargs)
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={w: i for i, w in enumerate(labels)})
+    auto = {"lm": AutoModelForCausalLM, "cls": AutoModelForSequenceClassification,
+            "qa": AutoModelForQuestionAnswering}[kind]
+    with _without_load_report():
+        model, info = auto.from_pretrained(model_files(spec), output_loading_info=True, **kwargs)
+    report_loading(spec, kind, info)
     if quant is not None:
         keep_4bit_differentiable(model)
         model = prepare_model_for_kbit_training(
@@ -89,6 +105,51 @@ def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: 
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     return model
+
+
+# heads of pretraining checkpoints that a task model drops (masked-LM, next-sentence, BERT's pooler in QA models)
+PRETRAINING_HEADS = ("lm_head", "cls", "pooler")
+
+
+class _LoadReportFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers logs a "LOAD REPORT" table, as a warning, for every key a checkpoint lacks; a pretrained model
+    always lacks the task head we add. ``report_loading`` says what matters instead."""
+    log, quiet = logging.getLogger("transformers.modeling_utils"), _LoadReportFilter()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+def report_loading(spec: ModelSpec, kind: str, info: dict) -> None:
+    """One line on what loading initialised or dropped as expected (the task head is new; a pretraining head such
+    as XLM-R's ``lm_head`` is not used), and a warning with the keys for anything else."""
+    heads = spec.head_modules(kind)
+
+    def module(key: str, names) -> str | None:  # the key's module up to the first part in ``names``
+        parts = key.split(".")
+        return next((".".join(parts[:i + 1]) for i, part in enumerate(parts) if part in names), None)
+
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = list(info.get("mismatched_keys", ()))
+    new = sorted({m for k in missing if (m := module(k, heads))})
+    dropped = sorted({m for k in unexpected if (m := module(k, PRETRAINING_HEADS))})
+    if new or dropped:
+        logger.info("%s: task head %s newly initialised (stage 1 trains it; stage 2 loads it from the stage-1 run)%s",
+                    spec.key, ", ".join(new) or "-", f"; pretraining head {', '.join(dropped)} not used" if dropped
+                    else "")
+    odd_missing = [k for k in missing if not module(k, heads)]
+    odd_unexpected = [k for k in unexpected if not module(k, PRETRAINING_HEADS)]
+    if odd_missing or odd_unexpected or mismatched:
+        logger.warning("%s: the checkpoint does not match the model outside the task head: missing %s, unexpected "
+                       "%s, other shape %s", spec.key, odd_missing or "-", odd_unexpected or "-", mismatched or "-")
 
 
 def keep_4bit_differentiable(model) -> int:
@@ -193,7 +254,6 @@ class MTEncoder:
         self.device = device
 
     def lang_token_id(self, code: str) -> int:
-        from flare.models.fusion import FusionError
 
         token_id = self.tokenizer.convert_tokens_to_ids(code)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
