@@ -285,18 +285,3 @@ def test_demo_sh_runs_and_a_rerun_skips_every_finished_stage(tmp_path, me5_dir):
     # the sweep skips every job: both translations, stage 1 and both stage-2 runs
     assert second.stderr.count("skip (finished)") == 5 and "0 ran, 5 skipped (finished), 0 failed" in second.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-
-
-def test_readme_documents_every_flag():
-    """Each flag of the three scripts and the sweep appears in the README (its flag tables)."""
-    import importlib.util
-
-    from flare import stage1, stage2
-
-    spec = importlib.util.spec_from_file_location("run_translate_script", REPO / "run_translate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    readme = (REPO / "README.md").read_text()
-    for parser in (stage1.build_parser(), stage2.build_parser(), module.build_parser(), sweep.build_parser()):
-        flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-        assert [f for f in flags if f"`{f}`" not in readme] == [], parser.prog

@@ -170,12 +170,13 @@ def test_readme_block_is_replaced_between_its_markers(tmp_path):
     _run(root, "translate-train", "jav", 1, 0.7)
     _run(root, "flare", "jav", 1, 0.75, fn="add_relu")
     readme = tmp_path / "README.md"
-    begin, end = report.README_BEGIN.format(root=str(root)), report.README_END.format(root=str(root))
+    begin = report.README_BEGIN.format(root=str(root), page=str(readme))
+    end = report.README_END.format(root=str(root))
     readme.write_text(f"# title\n\ntext before\n{begin}\nold table\n{end}\ntext after\n")
     assert report.main([str(root), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# title\n\ntext before\n") and text.endswith("text after\n")
-    assert "| FLARE (add_relu) | 75.00 | 75.00 |" in text and "nusax-m.png)" in text
+    assert "| FLARE (add_relu) | 75.00 | 75.00 |" in text and "(res/report/nusax-m.png)" in text  # relative link
     assert report.main([str(root), "--readme", str(readme)]) == 0 and readme.read_text() == text  # idempotent
     readme.write_text("no markers\n")
     assert report.main([str(root), "--readme", str(readme)]) == 2 and readme.read_text() == "no markers\n"
@@ -183,12 +184,12 @@ def test_readme_block_is_replaced_between_its_markers(tmp_path):
 
 @pytest.mark.parametrize("root", ["results/embedded-nusax", "results/embedded-nusax-lexical"])
 def test_readme_results_section_is_what_the_report_makes_of_the_committed_results(root):
-    """README "Results on the embedded model" (both MT conditions): regenerated from the committed results, exactly."""
+    """docs/study.md (both MT conditions): regenerated from the committed results, exactly."""
     repo = Path(__file__).resolve().parents[1]
-    results = repo / root
+    results, page = repo / root, repo / "docs" / "study.md"
     study = report.load_study(results)
     tables = report.build_tables(report.load_results(results), study)
-    block = report.readme_block(tables, study, root, Path(root) / "report")
-    text = (repo / "README.md").read_text()
-    begin, end = report.README_BEGIN.format(root=root), report.README_END.format(root=root)
+    block = report.readme_block(tables, study, root, results / "report", page=page)
+    text = page.read_text()
+    begin, end = report.README_BEGIN.format(root=root, page="docs/study.md"), report.README_END.format(root=root)
     assert text.split(begin, 1)[1].split(end, 1)[0] == "\n" + block

@@ -133,7 +133,7 @@ class TaskInfo:
     name: str
     kind: str  # cls | qa
     labels: tuple[str, ...]  # verbalizer words (cls); empty for qa
-    max_length: int  # default token length (see README for why and how to get the original's 128)
+    max_length: int  # default token length (see docs/usage.md for why and how to get the original's 128)
     best_metric: str  # metric for best-checkpoint selection
     text_fields: tuple[str, ...]  # fields that get translated / fed to the model
     truncate_field: str  # the long field that is cut when a prompt does not fit

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how training modes hold the stage-1 LoRA: none = a frozen adapter under the new one (exact "
                         "on any base); exact = merged into unquantised base weights (exact, a little faster); "
                         "requantize = merged into 4-bit/8-bit weights as the original did (re-quantising loses most "
-                        "of it: see README)")
+                        "of it: see docs/fusion.md)")
     return p
 
 

@@ -3,7 +3,7 @@
 Stage 2 must start from the stage-1 model EXACTLY, and "new adapter off" must mean the stage-1 model (FLARE's
 English source pass runs it). The original merged the stage-1 LoRA into the base weights. For a 4-bit (NF4) base,
 that means dequantise, add ``B A s``, re-quantise: every 64-value block gets a new absmax and most of the small
-update rounds away (measured: README, "Stage 1 and 4-bit merging"). So by default nothing is merged:
+update rounds away (measured: docs/fusion.md, "Stage 1 and 4-bit merging"). So by default nothing is merged:
 
 * the stage-1 adapter (``STAGE1``) stays on the, possibly quantised, base as a frozen peft adapter;
 * the new adapter (``NEW``, peft's ``default`` name, which Trainer checkpoints reload) is added on the same layers;
