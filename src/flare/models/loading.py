@@ -130,8 +130,9 @@ def _without_load_report():
 
 def report_loading(spec: ModelSpec, kind: str, info: dict) -> None:
     """One line on what loading initialised or dropped as expected (the task head is new; a pretraining head such
-    as XLM-R's ``lm_head`` is not used), and a warning with the keys for anything else."""
-    heads = spec.head_modules(kind)
+    as XLM-R's ``lm_head`` is not used), and a warning with the keys for anything else. A decoder's ``lm_head`` is
+    pretrained: missing, it is warned about like any other key."""
+    heads = spec.head_modules(kind) if kind != "lm" else ()
 
     def module(key: str, names) -> str | None:  # the key's module up to the first part in ``names``
         parts = key.split(".")
@@ -254,7 +255,6 @@ class MTEncoder:
         self.device = device
 
     def lang_token_id(self, code: str) -> int:
-
         token_id = self.tokenizer.convert_tokens_to_ids(code)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
             raise FusionError(f"the MT tokenizer does not know the language code {code!r}")
