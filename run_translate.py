@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.model not in ("reference", "lexical"):  # an MT model: known before any data is read
             from flare.config import resolve_model
 
-            if resolve_model(args.model, flag="--model").family != "seq2seq":
-                raise UsageError(f"--model {args.model} is not a translation model; use nllb-600m, nllb-3.3b, a "
-                                 "local NLLB/M2M100 directory, reference or lexical")
+            family = resolve_model(args.model, flag="--model").family
+            if family != "seq2seq":
+                raise UsageError(f"--model {args.model} is not a translation model ({family}); translation needs "
+                                 "an NLLB/M2M100 seq2seq model (nllb-600m, nllb-3.3b, a local m2m_100 directory), "
+                                 "'reference' or 'lexical'")
         shard = None
         if args.shard is not None:
             try:

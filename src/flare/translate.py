@@ -95,8 +95,9 @@ class NLLBTranslator:
         except ValueError as e:
             raise TranslationError(str(e)) from e
         if spec.family != "seq2seq":
-            raise TranslationError(f"--model {model} is a {spec.family} model; translation needs an NLLB/M2M100 "
-                                   "seq2seq model (nllb-600m, nllb-3.3b, a local m2m_100 directory) or 'reference'")
+            raise TranslationError(f"--model {model} is not a translation model ({spec.family}); translation needs "
+                                   "an NLLB/M2M100 seq2seq model (nllb-600m, nllb-3.3b, a local m2m_100 directory), "
+                                   "'reference' or 'lexical'")
         hint = "the model directory needs its tokenizer files (tokenizer.json / sentencepiece.bpe.model)"
         local = Path(spec.hub_id)
         if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
