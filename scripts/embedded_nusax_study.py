@@ -122,13 +122,23 @@ def training_rows(args) -> list[tuple[str, str | None]]:
     return [(m, fn) for m, fn in TRAINING_ROWS if fn is None or fn in fns]
 
 
+def selection_seed(args) -> int:
+    """The seed of the budget runs: the committed study's (so that a later run of other seeds, e.g. ``--seeds 3``,
+    keeps its budgets), else the first of ``--seeds``."""
+    study = Path(args.budgets_from) / "study.json"
+    if args.mt == "reference" and study.is_file():
+        return json.loads(study.read_text())["selection"]["seed"]
+    return args.seeds[0]
+
+
 def run_selection(args) -> bool:
     ok = True
     for epochs in args.budgets:
         for mode in ("lora", "input-fusion", "flare"):
             fns = list(FUSION_FNS) if mode == "flare" else None
-            ok &= run_sweep(sweep_argv(args, langs=[args.select_lang], seeds=[args.seeds[0]], modes=[mode], fns=fns,
-                                       output_dir=select_dir(args, epochs), stage2=budget_args(mode, epochs)))
+            ok &= run_sweep(sweep_argv(args, langs=[args.select_lang], seeds=[selection_seed(args)], modes=[mode],
+                                       fns=fns, output_dir=select_dir(args, epochs),
+                                       stage2=budget_args(mode, epochs)))
     return ok
 
 
@@ -160,7 +170,7 @@ def choose_budgets(args) -> dict:
         scores = {}
         for epochs in args.budgets:
             roots = [select_dir(args, epochs), Path(args.budgets_from) / "selection" / f"epochs-{epochs}"]
-            res = result_of(roots, mode, fn, args.select_lang, args.seeds[0])
+            res = result_of(roots, mode, fn, args.select_lang, selection_seed(args))
             if res is None:
                 raise SystemExit(f"error: the budget run {row_name(mode, fn)} / {epochs} epochs is missing under "
                                  f"{select_dir(args, epochs)}; run --phase select first")
@@ -210,7 +220,7 @@ def collect(args, choice: dict) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(meta, dest / meta.name)
     if args.mt == "reference":
-        selection = {"folder": "selection", "language": args.select_lang, "seed": args.seeds[0],
+        selection = {"folder": "selection", "language": args.select_lang, "seed": selection_seed(args),
                      "budgets": args.budgets, "metric": "validation macro-F1 of the best checkpoint",
                      "chosen": choice}
     else:
