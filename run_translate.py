@@ -67,13 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise UsageError(f"--{name} must be positive")
         if args.model not in ("reference", "lexical"):  # an MT model: known before any data is read
-            from flare.config import resolve_model
+            from flare.config import resolve_translation_model
 
-            family = resolve_model(args.model, flag="--model").family
-            if family != "seq2seq":
-                raise UsageError(f"--model {args.model} is not a translation model ({family}); translation needs "
-                                 "an NLLB/M2M100 seq2seq model (nllb-600m, nllb-3.3b, a local m2m_100 directory), "
-                                 "'reference' or 'lexical'")
+            resolve_translation_model(args.model, "--model")
         shard = None
         if args.shard is not None:
             try:

@@ -123,6 +123,16 @@ def resolve_model(plm: str, flag: str = "--plm") -> ModelSpec:
     return _row(model_name(plm), str(path), model_type)
 
 
+def resolve_translation_model(name: str, flag: str) -> ModelSpec:
+    """``resolve_model`` for a flag that needs an NLLB/M2M100 model (``--model`` of run_translate.py, ``--mt`` and
+    ``--mt_model``); a ValueError naming ``flag`` otherwise."""
+    spec = resolve_model(name, flag=flag)
+    if spec.family != "seq2seq":
+        raise ValueError(f"{flag} {name} is not a translation model ({spec.family}); translation needs an NLLB/M2M100 "
+                         "seq2seq model (nllb-600m, nllb-3.3b, a local m2m_100 directory)")
+    return spec
+
+
 def model_name(plm: str) -> str:
     """Name used in run directories: the key, or a local directory's base name."""
     return plm if plm in MODEL_SPECS else Path(plm).resolve().name

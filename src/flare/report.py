@@ -503,11 +503,11 @@ def readme_block(tables: dict, study: dict | None, root: str, out: Path, page: P
     return "\n".join(parts)
 
 
-def update_readme(readme: Path, root: str, block: str, page: str | None = None) -> bool:
-    """Replace the marked block of ``root`` in ``readme`` (its marker names ``page``, default the file as given);
-    False if the markers are missing."""
+def update_readme(readme: Path, root: str, block: str) -> bool:
+    """Replace the marked block of ``root`` in ``readme`` (its marker names the file as given); False if the
+    markers are missing."""
     text = readme.read_text(encoding="utf-8")
-    begin, end = README_BEGIN.format(root=root, page=page or readme.as_posix()), README_END.format(root=root)
+    begin, end = README_BEGIN.format(root=root, page=readme.as_posix()), README_END.format(root=root)
     if begin not in text or end not in text:
         return False
     head, rest = text.split(begin, 1)

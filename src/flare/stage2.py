@@ -42,7 +42,15 @@ from flare.common_args import (
     is_main_process,
     resolve_device,
 )
-from flare.config import DECODER_FUSION_FNS, FUSION_FNS, TASKS, ModelSpec, model_name, resolve_model
+from flare.config import (
+    DECODER_FUSION_FNS,
+    FUSION_FNS,
+    TASKS,
+    ModelSpec,
+    model_name,
+    resolve_model,
+    resolve_translation_model,
+)
 from flare.errors import FlareError
 from flare.languages import check_task_language
 from flare.stages import (
@@ -245,9 +253,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         raise UsageError(f"--path_mt {path_mt}: folder {path_mt.parent} does not exist; run run_translate.py first")
     mt_spec = None
     if mode == "flare-mt":
-        mt_spec = resolve_model(args.mt_model, flag="--mt_model")
-        if mt_spec.family != "seq2seq":
-            raise UsageError(f"--mt_model {args.mt_model} is not a translation (NLLB) model")
+        mt_spec = resolve_translation_model(args.mt_model, "--mt_model")
     target_modules = tuple(args.target_modules or spec.lora_targets)
     missing = [t for t in spec.fusion_targets if t not in target_modules and "all-linear" not in target_modules]
     if args.fusion_fn and missing:

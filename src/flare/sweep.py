@@ -164,7 +164,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.source_lang in args.langs and set(args.modes) != {"zero-shot"}:
         raise UsageError(f"--langs includes the source language {args.source_lang}; only zero-shot makes sense for it "
                          "(run it with --modes zero-shot), drop it from --langs")
-    from flare.config import resolve_model
+    from flare.config import resolve_model, resolve_translation_model
     from flare.data import check_task_language
     from flare.stages import check_output_dir
 
@@ -173,8 +173,7 @@ def check_args(args: argparse.Namespace) -> None:
     if "flare-mt" in args.modes:
         checked["--mt_model"] = args.mt_model
     for flag, name in checked.items():
-        if resolve_model(name, flag=flag).family != "seq2seq":
-            raise UsageError(f"{flag} {name} is not a translation (NLLB/M2M100) model")
+        resolve_translation_model(name, flag)
     for lang in (args.source_lang, *args.langs):
         check_task_language(args.task, lang)
     for folder in (args.output_dir, args.stage1_dir, args.translations):

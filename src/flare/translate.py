@@ -25,7 +25,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
-from flare.config import TASKS, resolve_model
+from flare.config import TASKS, resolve_translation_model
 from flare.data import load_task
 from flare.data.layout import (
     META_FILE,
@@ -91,13 +91,9 @@ class NLLBTranslator:
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         try:
-            spec = resolve_model(model, flag="--model")
+            spec = resolve_translation_model(model, "--model")
         except ValueError as e:
-            raise TranslationError(str(e)) from e
-        if spec.family != "seq2seq":
-            raise TranslationError(f"--model {model} is not a translation model ({spec.family}); translation needs "
-                                   "an NLLB/M2M100 seq2seq model (nllb-600m, nllb-3.3b, a local m2m_100 directory), "
-                                   "'reference' or 'lexical'")
+            raise TranslationError(f"{e}, or 'reference' or 'lexical'") from e
         hint = "the model directory needs its tokenizer files (tokenizer.json / sentencepiece.bpe.model)"
         local = Path(spec.hub_id)
         if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
