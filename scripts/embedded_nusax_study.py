@@ -2,6 +2,7 @@
 
     python scripts/embedded_nusax_study.py               # oracle MT; from the repository root; re-run to resume
     python scripts/embedded_nusax_study.py --mt lexical  # the statistical MT condition
+    python scripts/embedded_nusax_study.py --equal_budget 3  # the fusion functions, all trained for 3 epochs
 
 1. Stage 1 on English NusaX, one per seed (the demo's stage-1 flags).
 2. Training budget, chosen on VALIDATION data of a language outside the reported table (Indonesian, first seed):
@@ -25,7 +26,13 @@ Two conditions (``--mt``), each in its own results folder:
   as the oracle's), translate-test, translate-train LoRA, input-level fusion and FLARE with ``--fns`` (default
   add_relu and mul). Validation and checkpoint selection read the lexical translation of the validation set, as
   the original code selected on machine-translated validation data.
- FLARE runs with ``--cache_source_states`` (the
+
+``--equal_budget E`` is the ablation of the fusion functions without the budget confound: FLARE with every function
+of ``--fns`` (default all four) trained for E epochs in every language and seed (runs already trained for E epochs
+by the grid are reused), collected into their own folder (``results/embedded-nusax-equal-budget``) and compared
+with FLARE add_relu.
+
+FLARE runs with ``--cache_source_states`` (the
 same numbers as without, tested; about 30 % faster here). Finished runs are skipped, so an interrupted study resumes
 where it stopped. ``--reproduce RUN_NAME`` re-runs one committed cell from scratch (its stage 1 included) into a
 scratch folder and compares its metrics and predictions with the committed ones.
@@ -71,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fns", nargs="+", choices=FUSION_FNS, default=None,
                    help="FLARE fusion functions of the grid (default: all four for reference, add_relu mul for "
                         "lexical)")
+    p.add_argument("--equal_budget", type=int, metavar="EPOCHS", default=None,
+                   help="ablation: FLARE with every function of --fns (default all four) trained for EPOCHS epochs, "
+                        "compared with add_relu (results default results/embedded-nusax[-MT]-equal-budget)")
     p.add_argument("--budgets_from", default="results/embedded-nusax",
                    help="lexical: the oracle study whose chosen budgets are kept (its study.json)")
     p.add_argument("--select_lang", default="ind", help="language whose VALIDATION data picks the budget")
@@ -81,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directories with checkpoints (not committed)")
     p.add_argument("--results", default=None,
                    help="where the runs' results and predictions are collected (committed; default "
-                        "results/embedded-nusax, or results/embedded-nusax-lexical for --mt lexical)")
+                        "results/embedded-nusax, or results/embedded-nusax-lexical for --mt lexical; "
+                        "-equal-budget appended for --equal_budget)")
     p.add_argument("--phase", choices=("all", "select", "grid", "collect"), default="all",
                    help="run only one phase (default: all; each skips finished runs)")
     p.add_argument("--reproduce", metavar="RUN_NAME", default=None,
@@ -118,8 +129,8 @@ def grid_dir(args, epochs: int | None) -> Path:
 
 
 def training_rows(args) -> list[tuple[str, str | None]]:
-    fns = args.fns or (FUSION_FNS if args.mt == "reference" else ("add_relu", "mul"))
-    return [(m, fn) for m, fn in TRAINING_ROWS if fn is None or fn in fns]
+    fns = args.fns or (FUSION_FNS if args.mt == "reference" or args.equal_budget else ("add_relu", "mul"))
+    return [(m, fn) for m, fn in TRAINING_ROWS if (fn is None and not args.equal_budget) or fn in fns]
 
 
 def selection_seed(args) -> int:
@@ -157,7 +168,10 @@ def result_of(roots: Path | list[Path], mode: str, fn: str | None, lang: str, se
 
 def choose_budgets(args) -> dict:
     """{row: {"epochs": chosen, "validation": {epochs: best validation F1}}}; a tie goes to the smaller budget.
-    The budget runs are read from the work folder, or from the committed study (a fresh clone has no checkpoints)."""
+    The budget runs are read from the work folder, or from the committed study (a fresh clone has no checkpoints).
+    ``--equal_budget E``: E epochs for every row, nothing chosen."""
+    if args.equal_budget:
+        return {row_name(m, fn): {"epochs": args.equal_budget} for m, fn in training_rows(args)}
     if args.mt != "reference":  # the lexical condition keeps the oracle's budgets
         oracle = Path(args.budgets_from) / "study.json"
         if not oracle.is_file():
@@ -183,8 +197,9 @@ def choose_budgets(args) -> dict:
 def run_grid(args, choice: dict) -> bool:
     ok = True
     for seed in args.seeds:  # seed by seed: an interruption leaves complete seeds
-        ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=["zero-shot", "translate-test"],
-                                   fns=None, output_dir=grid_dir(args, None), stage2=STAGE2_ARGS))
+        if not args.equal_budget:
+            ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=["zero-shot", "translate-test"],
+                                       fns=None, output_dir=grid_dir(args, None), stage2=STAGE2_ARGS))
         for mode, fn in training_rows(args):
             epochs = choice[row_name(mode, fn)]["epochs"]
             ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=[mode], fns=[fn] if fn else None,
@@ -202,8 +217,13 @@ def copy_run(run_dir: Path, dest: Path) -> None:
 def collect(args, choice: dict) -> None:
     work, results = Path(args.work_dir), Path(args.results)
     grid = grid_dir(args, None).parent.name
-    subs = (("stage1", "stage1"), ("select", "selection"), (grid, "runs")) if args.mt == "reference" else (
-        ("stage1", "stage1"), (grid, "runs"))
+    if args.equal_budget:  # only the FLARE runs of that budget
+        subs = (("stage1", "stage1"), (f"{grid}/epochs-{args.equal_budget}", "runs"))
+    elif args.mt == "reference":
+        subs = (("stage1", "stage1"), ("select", "selection"), (grid, "runs"))
+    else:
+        subs = (("stage1", "stage1"), (grid, "runs"))
+    rows = {(RESULT_MODE.get(m, m), fn) for m, fn in training_rows(args)}
     for sub, dest in subs:
         for res in sorted((work / sub).rglob("results_*.json")):
             if "checkpoint-" in res.parent.name:
@@ -212,6 +232,8 @@ def collect(args, choice: dict) -> None:
             lang = run.get("target_lang")  # None for a stage-1 run
             if run["seed"] not in args.seeds or lang not in (None, *args.langs, args.select_lang):
                 continue  # a run of another seed or language (e.g. of an earlier, larger grid) is not this study's
+            if args.equal_budget and lang is not None and (run["mode"], run.get("fusion_fn")) not in rows:
+                continue  # e.g. LoRA when the grid trained it for the same number of epochs
             rel = res.parent.relative_to(work / sub)
             copy_run(res.parent, results / dest / rel)
     # the MT's own record (what it was trained on, chrF/BLEU against the human translation), per direction
@@ -219,7 +241,12 @@ def collect(args, choice: dict) -> None:
         dest = results / "translations" / meta.parent.name
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(meta, dest / meta.name)
-    if args.mt == "reference":
+    extra = {}
+    if args.equal_budget:
+        selection = None
+        base = "add_relu" if ("flare", "add_relu") in rows else min(fn for _, fn in rows)
+        extra = {"equal_budget": args.equal_budget, "compare_with": [["flare", base]]}
+    elif args.mt == "reference":
         selection = {"folder": "selection", "language": args.select_lang, "seed": selection_seed(args),
                      "budgets": args.budgets, "metric": "validation macro-F1 of the best checkpoint",
                      "chosen": choice}
@@ -230,8 +257,9 @@ def collect(args, choice: dict) -> None:
         "model": args.plm, "task": "nusax", "languages": args.langs, "seeds": args.seeds, "translations": args.mt,
         "stage1_args": STAGE1_ARGS, "stage2_args": STAGE2_ARGS + " --epochs E --num_evals E (FLARE: "
                                                                  "--cache_source_states)",
-        "selection": selection,
-        "command": "python scripts/embedded_nusax_study.py" + ("" if args.mt == "reference" else f" --mt {args.mt}"),
+        "selection": selection, **extra, "command": " ".join(
+            ["python scripts/embedded_nusax_study.py", *([f"--mt {args.mt}"] if args.mt != "reference" else []),
+             *([f"--equal_budget {args.equal_budget}"] if args.equal_budget else [])]),
     })
 
 
@@ -271,7 +299,8 @@ def reproduce(args, run_name: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.results is None:
-        args.results = "results/embedded-nusax" + ("" if args.mt == "reference" else f"-{args.mt}")
+        args.results = ("results/embedded-nusax" + ("" if args.mt == "reference" else f"-{args.mt}")
+                        + ("-equal-budget" if args.equal_budget else ""))
     from flare.common_args import setup_logging
 
     setup_logging()
@@ -282,13 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.reproduce:
         return reproduce(args, args.reproduce)
     ok = True
-    if args.phase in ("all", "select") and args.mt == "reference":
+    if args.phase in ("all", "select") and args.mt == "reference" and not args.equal_budget:
         ok &= run_selection(args)
     if args.phase == "select":
         return 0 if ok else 1
     choice = choose_budgets(args)
-    logger.info("budgets chosen on %s validation: %s", args.select_lang,
-                {k: v["epochs"] for k, v in choice.items()})
+    logger.info("budgets (%s): %s", f"--equal_budget {args.equal_budget}" if args.equal_budget else
+                f"chosen on {args.select_lang} validation", {k: v["epochs"] for k, v in choice.items()})
     if args.phase in ("all", "grid"):
         ok &= run_grid(args, choice)
     collect(args, choice)

@@ -165,6 +165,36 @@ def test_cost_table_and_study_budget(tmp_path):
     assert "| FLARE (add_relu) | 80.00 | 82.00 | 85.00 | 6 |" in md
 
 
+def test_a_study_compare_with_replaces_the_baselines(tmp_path):
+    """An equal-budget ablation of the fusion functions (study.json ``compare_with``: FLARE add_relu): every other
+    function is compared with add_relu (not with itself, nor with LoRA, which the folder lacks), Holm over those."""
+    root = tmp_path / "ablation"
+    rng = np.random.default_rng(2)
+    golds = list(rng.integers(0, 3, 150))
+    for lang in ("jav", "sun"):
+        for seed in (1, 2, 3):
+            best = [g if rng.random() < 0.9 else (g + 1) % 3 for g in golds]
+            _predicted_run(root, "flare", lang, seed, best, golds, fn="add_relu")
+            worse = [(g + 1) % 3 if i % 3 == 0 else p for i, (g, p) in enumerate(zip(golds, best))]
+            _predicted_run(root, "flare", lang, seed, worse, golds, fn="cross-attention")
+            _predicted_run(root, "flare", lang, seed, best, golds, fn="mul")
+    (root / "study.json").write_text(json.dumps({"task": "nusax", "model": "m", "languages": ["jav", "sun"],
+                                                 "seeds": [1, 2, 3], "selection": None, "equal_budget": 3,
+                                                 "compare_with": [["flare", "add_relu"]]}))
+    study = report.load_study(root)
+    table = report.build_tables(report.load_results(root), study)[("nusax", "m")]
+    rows = {(s["row"], s["baseline"]): s for s in report.significance(table, "test_f1")}
+    base = ("flare", "add_relu")
+    assert set(rows) == {(("flare", "cross-attention"), base), (("flare", "mul"), base)}
+    xattn, mul = rows[(("flare", "cross-attention"), base)], rows[(("flare", "mul"), base)]
+    assert xattn["losses"] == 6 and xattn["ci"][1] < 0 and xattn["p_holm"] < 0.05  # a third of the items made wrong
+    assert mul["mean"] == 0 and mul["ties"] == 6 and mul["p_holm"] == 1  # the same predictions
+    md = report.markdown("nusax", "m", table, study)
+    assert "| FLARE (cross-attention) − FLARE (add_relu) | 6 |" in md and "Translate-train LoRA" not in md
+    # without compare_with, the same folder has no baseline rows, so no comparisons
+    assert report.significance(report.build_tables(report.load_results(root))[("nusax", "m")], "test_f1") == []
+
+
 def test_readme_block_is_replaced_between_its_markers(tmp_path):
     root = tmp_path / "res"
     _run(root, "translate-train", "jav", 1, 0.7)

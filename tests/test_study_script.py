@@ -30,3 +30,40 @@ def test_a_later_seed_keeps_the_committed_budgets(tmp_path):
     # without a committed study, the first of --seeds selects (a new study)
     args = study.build_parser().parse_args(["--seeds", "3", "--budgets_from", str(tmp_path / "none")])
     assert study.selection_seed(args) == 3
+
+
+def test_equal_budget_trains_every_function_for_the_same_epochs_and_collects_only_them(tmp_path, monkeypatch):
+    """`--equal_budget 3`: FLARE with the four functions at 3 epochs in every language and seed (no zero-shot,
+    translate-test, LoRA or input fusion, no budget selection); collect copies those runs only (not a LoRA run the
+    grid trained for 3 epochs too) into their own folder, whose study.json names add_relu as the comparison."""
+    study = load_study_script()
+    work, results = tmp_path / "work", tmp_path / "results"
+    calls, collected, real_collect = [], [], study.collect
+    monkeypatch.setattr(study, "run_sweep", lambda argv: calls.append(argv) or True)
+    monkeypatch.setattr(study, "collect", lambda args, choice: collected.append(args.results))
+    monkeypatch.setattr("flare.report.main", lambda argv: 0)
+    assert study.main(["--equal_budget", "3", "--seeds", "1", "2", "--work_dir", str(work)]) == 0
+    assert collected == ["results/embedded-nusax-equal-budget"]  # the default folder: the condition's + suffix
+    assert len(calls) == 2 * 4  # seeds x functions, nothing else
+    for argv in calls:
+        assert argv[argv.index("--modes") + 1] == "flare" and "--epochs 3 --num_evals 3" in \
+            argv[argv.index("--stage2_args") + 1]
+        assert argv[argv.index("--output_dir") + 1] == str(work / "grid" / "epochs-3")
+    assert sorted({argv[argv.index("--fusion_fns") + 1] for argv in calls}) == sorted(study.FUSION_FNS)
+
+    def result(mode, fn, lang, seed=1):
+        d = work / "grid" / "epochs-3" / f"nusax-en-{lang}-me5-small-{seed}-{mode}-{fn}"
+        d.mkdir(parents=True)
+        (d / "results_test.json").write_text(json.dumps({"mode": mode, "fusion_fn": fn, "target_lang": lang,
+                                                         "seed": seed}))
+    for fn in ("add", "add_relu"):
+        result("flare", fn, "jav")
+    result("translate-train", None, "jav")
+    args = study.build_parser().parse_args(["--equal_budget", "3", "--seeds", "1", "--work_dir", str(work),
+                                            "--results", str(results)])
+    real_collect(args, study.choose_budgets(args))
+    assert sorted(p.name for p in (results / "runs").iterdir()) == [
+        "nusax-en-jav-me5-small-1-flare-add", "nusax-en-jav-me5-small-1-flare-add_relu"]
+    meta = json.loads((results / "study.json").read_text())
+    assert meta["equal_budget"] == 3 and meta["compare_with"] == [["flare", "add_relu"]]
+    assert meta["selection"] is None and meta["command"].endswith("--equal_budget 3")

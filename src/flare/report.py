@@ -7,9 +7,11 @@ metric (± std with at least 3 seeds; XNLI accuracy, NusaX macro-F1 then accurac
 A row whose predictions are the same in every language (translate-test on the human English of a parallel corpus) is
 shown apart, as one value, not averaged as languages. Then:
 
-- significance: every FLARE / FLARE MT row minus translate-train LoRA and minus input-level fusion: the mean over
-  (language, seed) pairs of the difference, a 95 % interval and p-value from a paired bootstrap over TEST ITEMS (one
-  draw of items shared by every language and seed, fixed seed), and Holm's correction over the table's comparisons;
+- significance: every FLARE / FLARE MT row minus translate-train LoRA and minus input-level fusion (or minus the rows
+  a study's ``compare_with`` names, e.g. FLARE add_relu in an equal-budget ablation of the fusion functions): the mean
+  over (language, seed) pairs of the difference, a 95 % interval and p-value from a paired bootstrap over TEST ITEMS
+  (one draw of items shared by every language and seed, fixed seed), and Holm's correction over the table's
+  comparisons;
 - cost: trainable parameters, epochs and the measured training / test times per mode (median [min–max]), and the
   training time per epoch;
 - for a study folder (``study.json``, see ``scripts/embedded_nusax_study.py``): the training budget chosen on
@@ -138,8 +140,10 @@ def build_tables(results: list[dict], study: dict | None = None) -> dict:
                    if (r, lang, s) not in g["runs"]]
         apart = [r for r in rows if r[0] == "translate-test"
                  and same_input_for_every_language(g["runs"], r, sorted(g["langs"]), sorted(g["seeds"]))]
+        baselines = tuple((m, fn) for m, fn in study["compare_with"]) if declared and study.get("compare_with") \
+            else BASELINES
         tables[(task, plm)] = dict(rows=rows, langs=langs, runs=g["runs"], seeds=sorted(g["seeds"]), missing=missing,
-                                   apart=apart)
+                                   apart=apart, baselines=baselines)
     return tables
 
 
@@ -263,7 +267,8 @@ def paired(table: dict, metric: str, a: tuple, b: tuple) -> list[tuple[str, int,
 
 
 def significance(table: dict, metric: str, task: str | None = None) -> list[dict]:
-    """Every FLARE / FLARE MT row against translate-train LoRA and input-level fusion: the per-(language, seed)
+    """Every FLARE / FLARE MT row against the table's baselines (translate-train LoRA and input-level fusion, or a
+    study's ``compare_with``; a row is not compared with itself): the per-(language, seed)
     differences (counted better / worse), their mean, the item-level bootstrap interval and p-value, and Holm's
     correction over all comparisons of the table. Comparisons whose runs lack predictions files are skipped.
     Computed once per table and metric (the markdown is written for the report, the README and the terminal)."""
@@ -278,7 +283,9 @@ def _significance(table: dict, metric: str, task: str) -> list[dict]:
     for r in table["rows"]:
         if r[0] not in ("flare", "flare-mt"):
             continue
-        for base in BASELINES:
+        for base in table.get("baselines", BASELINES):
+            if base == r:
+                continue
             triples = paired(table, metric, r, base)
             if not triples:
                 continue
