@@ -217,13 +217,15 @@ def copy_run(run_dir: Path, dest: Path) -> None:
 def collect(args, choice: dict) -> None:
     work, results = Path(args.work_dir), Path(args.results)
     grid = grid_dir(args, None).parent.name
-    if args.equal_budget:  # only the FLARE runs of that budget
-        subs = (("stage1", "stage1"), (f"{grid}/epochs-{args.equal_budget}", "runs"))
-    elif args.mt == "reference":
-        subs = (("stage1", "stage1"), ("select", "selection"), (grid, "runs"))
-    else:
-        subs = (("stage1", "stage1"), (grid, "runs"))
-    rows = {(RESULT_MODE.get(m, m), fn) for m, fn in training_rows(args)}
+    subs = (("stage1", "stage1"), ("select", "selection"), (grid, "runs")) if args.mt == "reference" and \
+        not args.equal_budget else (("stage1", "stage1"), (grid, "runs"))
+    # the grid folder (epochs-N, or eval-only) each of this study's rows must come from: a run of the same row
+    # trained for another budget (by the grid or by an --equal_budget ablation sharing the work folder) is not this
+    # study's, nor is a row it does not have
+    folder = {(RESULT_MODE.get(m, m), fn): f"epochs-{choice[row_name(m, fn)]['epochs']}" for m, fn in
+              training_rows(args)}
+    if not args.equal_budget:
+        folder.update({("zero-shot", None): "eval-only", ("translate-test", None): "eval-only"})
     for sub, dest in subs:
         for res in sorted((work / sub).rglob("results_*.json")):
             if "checkpoint-" in res.parent.name:
@@ -232,8 +234,9 @@ def collect(args, choice: dict) -> None:
             lang = run.get("target_lang")  # None for a stage-1 run
             if run["seed"] not in args.seeds or lang not in (None, *args.langs, args.select_lang):
                 continue  # a run of another seed or language (e.g. of an earlier, larger grid) is not this study's
-            if args.equal_budget and lang is not None and (run["mode"], run.get("fusion_fn")) not in rows:
-                continue  # e.g. LoRA when the grid trained it for the same number of epochs
+            if dest == "runs" and folder.get((run["mode"], run.get("fusion_fn"))) != \
+                    res.parent.relative_to(work / sub).parts[0]:
+                continue
             rel = res.parent.relative_to(work / sub)
             copy_run(res.parent, results / dest / rel)
     # the MT's own record (what it was trained on, chrF/BLEU against the human translation), per direction
@@ -244,7 +247,8 @@ def collect(args, choice: dict) -> None:
     extra = {}
     if args.equal_budget:
         selection = None
-        base = "add_relu" if ("flare", "add_relu") in rows else min(fn for _, fn in rows)
+        fns = sorted(fn for _, fn in folder)
+        base = "add_relu" if "add_relu" in fns else fns[0]
         extra = {"equal_budget": args.equal_budget, "compare_with": [["flare", base]]}
     elif args.mt == "reference":
         selection = {"folder": "selection", "language": args.select_lang, "seed": selection_seed(args),

@@ -62,8 +62,22 @@ def test_equal_budget_trains_every_function_for_the_same_epochs_and_collects_onl
     args = study.build_parser().parse_args(["--equal_budget", "3", "--seeds", "1", "--work_dir", str(work),
                                             "--results", str(results)])
     real_collect(args, study.choose_budgets(args))
-    assert sorted(p.name for p in (results / "runs").iterdir()) == [
+    assert sorted(p.name for p in (results / "runs" / "epochs-3").iterdir()) == [
         "nusax-en-jav-me5-small-1-flare-add", "nusax-en-jav-me5-small-1-flare-add_relu"]
     meta = json.loads((results / "study.json").read_text())
     assert meta["equal_budget"] == 3 and meta["compare_with"] == [["flare", "add_relu"]]
     assert meta["selection"] is None and meta["command"].endswith("--equal_budget 3")
+    # the oracle study's collect, sharing the work folder, takes each row from its own budget's folder only: FLARE
+    # add trained for 1 epoch (its chosen budget), not the ablation's 3-epoch run, nor LoRA (chosen: 6 epochs);
+    # add_relu's chosen budget is 3 epochs, so its run is the same in both
+    d = work / "grid" / "epochs-1" / "nusax-en-jav-me5-small-1-flare-add"
+    d.mkdir(parents=True)
+    (d / "results_test.json").write_text(json.dumps({"mode": "flare", "fusion_fn": "add", "target_lang": "jav",
+                                                     "seed": 1}))
+    args = study.build_parser().parse_args(["--seeds", "1", "--work_dir", str(work), "--results",
+                                            str(tmp_path / "oracle"),
+                                            "--budgets_from", str(REPO / "results" / "embedded-nusax")])
+    real_collect(args, study.choose_budgets(args))
+    runs = tmp_path / "oracle" / "runs"
+    assert sorted(str(p.relative_to(runs)) for p in runs.glob("*/*")) == [
+        "epochs-1/nusax-en-jav-me5-small-1-flare-add", "epochs-3/nusax-en-jav-me5-small-1-flare-add_relu"]
