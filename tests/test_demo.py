@@ -209,6 +209,22 @@ def test_sweep_skips_finished_runs_and_continues_after_failures(tmp_path):
     assert skipped == ["flare/add_relu jav seed 1"] and failed == ["bad"] and ran == ["ok", "ok2"]
 
 
+def test_a_stage1_folder_of_copied_results_is_not_a_finished_stage1(tmp_path):
+    """A stage-1 folder holding only results (copied from a committed results/ folder) lacks the model stage 2
+    loads: the sweep trains stage 1 again instead of skipping it and failing every stage-2 run of the seed."""
+    from flare.files import ADAPTER_FILE
+
+    args = sweep.build_parser().parse_args(
+        ["--task", "nusax", "--plm", "me5-small", "--langs", "jav", "--modes", "zero-shot", "--seeds", "1",
+         "--mt", "reference", "--output_dir", str(tmp_path / "ck"), "--translations", str(tmp_path / "tr")])
+    stage1 = next(j for j in sweep.plan(args) if j.name == "stage 1 seed 1")
+    run_dir = tmp_path / "ck" / "nusax-en-me5-small-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results_test.json").write_text("{}")
+    assert not stage1.finished
+    (run_dir / ADAPTER_FILE).write_bytes(b"")
+    assert stage1.finished
+
 def test_sweep_skips_a_translation_job_once_all_its_files_exist(tmp_path):
     """A translation job is finished when every file run_translate.py would write exists (all splits forward, the
     test split backward), so a re-run starts no process for it; --overwrite in --translate_args always runs it."""

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from flare.config import model_name
 from flare.errors import FlareError, UsageError
+from flare.files import ADAPTER_FILE
 
 logger = logging.getLogger("flare.sweep")
 
@@ -210,7 +211,9 @@ def plan(args: argparse.Namespace) -> list[Job]:
                         ["run_task_ft.py", "--task", args.task, "--plm", args.plm, "--lang", args.source_lang,
                          "--seed", str(seed), "--output_dir", str(stage1_root), *data,
                          *shlex.split(args.stage1_args)],
-                        (stage1_dir / "results_test.json",)))
+                        # finished = its results AND the model stage 2 loads (a folder of copied results alone, as in
+                        # results/, is trained again rather than failing every stage-2 run of the seed)
+                        (stage1_dir / "results_test.json", stage1_dir / ADAPTER_FILE)))
         for lang in args.langs:
             forward = translation_folder(tr, args.task, lang, mt_name(args.mt))
             backward = translation_folder(tr, args.task, args.source_lang, mt_name(args.mt))
