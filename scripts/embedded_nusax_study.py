@@ -234,10 +234,9 @@ def collect(args, choice: dict) -> None:
             lang = run.get("target_lang")  # None for a stage-1 run
             if run["seed"] not in args.seeds or lang not in (None, *args.langs, args.select_lang):
                 continue  # a run of another seed or language (e.g. of an earlier, larger grid) is not this study's
-            if dest == "runs" and folder.get((run["mode"], run.get("fusion_fn"))) != \
-                    res.parent.relative_to(work / sub).parts[0]:
-                continue
             rel = res.parent.relative_to(work / sub)
+            if dest == "runs" and folder.get((run["mode"], run.get("fusion_fn"))) != rel.parts[0]:
+                continue
             copy_run(res.parent, results / dest / rel)
     # the MT's own record (what it was trained on, chrF/BLEU against the human translation), per direction
     for meta in sorted((work / "translations" / "nusax").glob(f"translate-*-{args.mt}/meta.json")):
