@@ -212,9 +212,11 @@ def test_readme_block_is_replaced_between_its_markers(tmp_path):
     assert report.main([str(root), "--readme", str(readme)]) == 2 and readme.read_text() == "no markers\n"
 
 
-@pytest.mark.parametrize("root", ["results/embedded-nusax", "results/embedded-nusax-lexical"])
+@pytest.mark.parametrize("root", ["results/embedded-nusax", "results/embedded-nusax-lexical",
+                                  "results/embedded-nusax-equal-budget"])
 def test_readme_results_section_is_what_the_report_makes_of_the_committed_results(root):
-    """docs/study.md (both MT conditions): regenerated from the committed results, exactly."""
+    """docs/study.md (both MT conditions and the equal-budget ablation): regenerated from the committed results,
+    exactly."""
     repo = Path(__file__).resolve().parents[1]
     results, page = repo / root, repo / "docs" / "study.md"
     study = report.load_study(results)
