@@ -29,3 +29,20 @@ def assert_metrics_match_predictions(run_dir: Path, res: dict, prefix: str = "te
         assert res["test_exact_match"] == pytest.approx(expected["exact_match"], abs=1e-12)
         assert res["test_f1"] == pytest.approx(expected["f1"], abs=1e-12)
     return rows
+
+
+def write_checkpoint(path, trainer_state: bool = True, optimizer: bool = True, cut_weights: bool = False):
+    """A checkpoint folder with the files a resume needs (the weights a real, tiny safetensors file)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({"w": torch.zeros(64)}, str(path / "adapter_model.safetensors"))
+    if cut_weights:
+        data = (path / "adapter_model.safetensors").read_bytes()
+        (path / "adapter_model.safetensors").write_bytes(data[:-10])
+    (path / "scheduler.pt").write_bytes(b"x")
+    if optimizer:
+        (path / "optimizer.pt").write_bytes(b"x")
+    if trainer_state:
+        (path / "trainer_state.json").write_text("{}")

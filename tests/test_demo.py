@@ -205,7 +205,7 @@ def test_sweep_skips_finished_runs_and_continues_after_failures(tmp_path):
     done.write_text("{}")
     fake = [sweep.Job("ok", ["-c", "pass"], ()), sweep.Job("bad", ["-c", "raise SystemExit(3)"], ()),
             flare_jav, sweep.Job("ok2", ["-c", "pass"], ())]
-    ran, skipped, failed = sweep.run_jobs(fake)
+    ran, skipped, failed, _ = sweep.run_jobs(fake)
     assert skipped == ["flare/add_relu jav seed 1"] and failed == ["bad"] and ran == ["ok", "ok2"]
 
 

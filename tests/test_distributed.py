@@ -245,3 +245,21 @@ def test_evaluation_is_sharded_across_ranks_and_gathered_in_order(tmp_path, tiny
         assert rank["predictions"] == one["predictions"]
         assert rank["outputs"] == one["outputs"]
         assert rank["metrics"] == one["metrics"]
+
+
+def test_an_eval_only_run_under_torchrun_is_sharded(tmp_path, no_dropout_model):
+    """Zero-shot / --eval_only under torchrun: the ranks join the process group and split the test set (they used to
+    evaluate all of it, each), and the predictions are those of one process."""
+    common = ["--task", "nusax", "--plm", str(no_dropout_model), "--data_dir", DATA, "--seed", "2",
+              "--max_eval_samples", "12", "--batch_size", "4", "--device", "cpu"]
+    launch("run_task_ft.py", [*common, "--max_train_samples", "8", "--max_steps", "1", "--output_dir",
+                              str(tmp_path / "s1")], 1)
+    run = tmp_path / "s1" / "nusax-en-xlm-roberta-2"
+    jav = [*common, "--target_lang", "jav", "--load_ckpt", str(run), "--eval_zs", "--eval_only"]
+    launch("run.py", [*jav, "--output_dir", str(tmp_path / "one")], 1)
+    launch("run.py", [*jav, "--output_dir", str(tmp_path / "two")], 2)
+    runs = [next((tmp_path / d).glob("*/results_zs.json")).parent for d in ("one", "two")]
+    one, two = (json.loads((r / "results_zs.json").read_text()) for r in runs)
+    assert (one["eval_processes"], two["eval_processes"]) == (1, 2)
+    assert one["test_f1"] == two["test_f1"]
+    assert (runs[0] / "predictions_zs.jsonl").read_text() == (runs[1] / "predictions_zs.jsonl").read_text()

@@ -90,6 +90,7 @@ def _batch(tok, texts, src_texts):
             "src_input_ids": s["input_ids"], "src_attention_mask": s["attention_mask"]}
 
 
+REPO_DATA = str(__import__('pathlib').Path(__file__).resolve().parents[1] / "data")
 TEXTS = ["aku seneng banget karo panganan iki", "ora apik"]
 SOURCES = ["I really like this food very much", "not good at all"]
 
@@ -392,8 +393,15 @@ def test_source_cache_reuses_states_and_gives_the_uncached_outputs(tiny_models, 
     handle.remove()
     cached.detach()
     full = Fusion(model, **kwargs, cache_source_states=True, cache_limit_mb=0).attach()
-    _logits(model, both, full)
+    stacks = []
+    real_stack = torch.stack
+    torch.stack = lambda tensors, *a, **k: stacks.append(len(tensors)) or real_stack(tensors, *a, **k)
+    try:
+        _logits(model, both, full)
+    finally:
+        torch.stack = real_stack
     assert full.cache.entries == {} and full.cache.stats["full"] == 2  # past the bound: computed, not stored
+    assert stacks == []  # and nothing copied to the CPU for it (every layer's states used to be, then dropped)
 
 
 def test_eval_forwards_leave_4bit_layers_differentiable(tiny_models, monkeypatch):
@@ -474,3 +482,70 @@ def test_bf16_source_states_change_nothing_under_bf16_autocast(tiny_models, fami
             out[dtype] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         fusion.detach()
     assert torch.equal(out[None], out[torch.bfloat16])
+
+
+@pytest.mark.parametrize("family", ["xlm-roberta", "llama"])
+def test_the_source_pass_runs_under_the_training_autocast(tiny_models, family):
+    """--bf16: the Trainer's autocast wraps the model's forward only; the source pass (a separate forward of the
+    frozen model) runs under the same autocast (its matmuls in bf16: before, in fp32, a full fp32 forward per step),
+    the kept states are bf16, and a fresh adapter still gives exactly the stage-1 model's outputs."""
+    spec, tok, model = _model(tiny_models, family)
+    model.eval()
+    batch = _batch(tok, TEXTS, SOURCES)
+    kwargs = dict(layers=spec.layers, targets=spec.fusion_targets, adapter="default", fusion_fn="add_relu",
+                  padding_side=tok.padding_side)
+    first_linear = next(m for n, m in model.get_base_model().named_modules()
+                        if isinstance(m, torch.nn.Linear) and ".0." in n and "lora" not in n)
+    seen = []
+    handle = first_linear.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    try:
+        for autocast, expected in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+            seen.clear()
+            fusion = Fusion(model, **kwargs, state_dtype=autocast, autocast_dtype=autocast).attach()
+            with torch.no_grad(), fusion.source(batch):
+                assert seen and set(seen) == {expected}, (autocast, seen)  # the source pass's matmuls
+                assert fusion._state.sources[0].dtype == expected
+                with torch.autocast("cpu", dtype=torch.bfloat16):  # the training forward, as the Trainer runs it
+                    fused = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            fusion.detach()
+            with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+                plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            assert torch.equal(fused, plain)  # a fresh adapter (B = 0) changes nothing, under autocast too
+    finally:
+        handle.remove()
+
+
+def test_generation_runs_under_the_training_autocast(tiny_models):
+    """generate() does not go through the Trainer's autocast-wrapped forward: the Evaluator runs every prediction
+    (generation included) under the run's autocast, so a --bf16 run does not evaluate in fp32."""
+    from flare.data import load_task
+    from flare.evaluation import Evaluator
+
+    spec, tok, model = _model(tiny_models, "llama")
+    examples = load_task("nusax", "jav", "test", data_dir=REPO_DATA).select(range(4))
+    head = model.get_base_model().lm_head
+    for autocast, expected in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        seen = []
+        handle = head.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(out.dtype))
+        try:
+            Evaluator("nusax", spec, tok, examples, 128, batch_size=4, generate_max_tokens=3,
+                      autocast=autocast).predict(model)
+        finally:
+            handle.remove()
+        assert seen and set(seen) == {expected}, (autocast, seen)
+
+
+def test_tf32_stays_on_under_bf16_on_ampere(monkeypatch):
+    """With --bf16 / --fp16 what runs outside autocast still uses TF32 matmuls on Ampere+ (it used to fall back to
+    full fp32); before Ampere and on the CPU torch's default is left alone."""
+    from types import SimpleNamespace
+
+    from flare.stages import use_tf32
+
+    for flags in ({}, {"bf16": True}, {"fp16": True}):
+        opts = SimpleNamespace(**{"bf16": False, "fp16": False, **flags})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        assert use_tf32("cuda:0", opts) is True, flags
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+        assert use_tf32("cuda:0", opts) is None, flags
+        assert use_tf32("cpu", opts) is None

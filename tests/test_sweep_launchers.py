@@ -27,7 +27,7 @@ def test_parallel_runs_in_dependency_order_one_job_per_gpu(tmp_path):
     done = tmp_path / "done.json"
     done.write_text("{}")
     jobs.append(sweep.Job("finished before", ["-c", "raise SystemExit(1)"], (done,)))
-    ran, skipped, failed = sweep.run_parallel(jobs, ["0", "1"], tmp_path / "logs", poll_s=0.05)
+    ran, skipped, failed, _ = sweep.run_parallel(jobs, ["0", "1"], tmp_path / "logs", poll_s=0.05)
     assert sorted(ran) == ["a", "b", "slow other"] and skipped == ["finished before"]
     assert sorted(failed) == ["after bad", "bad"]  # a job whose predecessor failed never starts
     logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
@@ -51,6 +51,9 @@ def test_gpu_ids_index_the_visible_gpus_and_uuids_pass():
                                          "--nproc_per_node", "2", "/r/run.py", "--task", "nusax"]
     assert sweep.distributed(["python", "/r/run_translate.py"], 2) == ["python", "/r/run_translate.py"]
     assert sweep.distributed(cmd, 1) == cmd
+    # zero-shot and translate-test train nothing: one process, not K model loads
+    for eval_only in (["--eval_zs", "--eval_only"], ["--translate-test", "--path_mt", "x"]):
+        assert sweep.distributed([*cmd, *eval_only], 2) == [*cmd, *eval_only]
 
 
 def running(pid: int) -> bool:
@@ -106,7 +109,7 @@ def test_submitit_local_runs_jobs_after_their_predecessors_and_reports_failures(
             sweep.Job("after bad", ["-c", "pass"], (), deps=("bad",))]
     args = argparse.Namespace(launcher="local", time_min=5, cpus_per_job=1, mem_gb=1, gpus_per_job=0,
                               partition=None, account=None)
-    ran, skipped, failed = sweep.run_submitit(jobs, args, tmp_path / "logs")
+    ran, skipped, failed, _ = sweep.run_submitit(jobs, args, tmp_path / "logs")
     assert ran == ["a", "b"] and skipped == [] and sorted(failed) == ["after bad", "bad"]
     assert "FAILED: bad" in caplog.text and "_log.err" in caplog.text
     assert any("a ran" in p.read_text() for p in (tmp_path / "logs").rglob("*_log.out"))
@@ -119,12 +122,12 @@ def test_a_timed_out_job_requeues_itself_and_resumes_from_its_checkpoint(tmp_pat
     import sys
 
     import submitit
+    from run_checks import write_checkpoint
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    write_checkpoint(run_dir / "checkpoint-5")  # complete: the requeued command resumes from it
     code = ("import os, sys, time; d = sys.argv[1]; "
             "open(os.path.join(d, 'calls'), 'a').write(' '.join(sys.argv[2:]) + '|'); "
-            "os.makedirs(os.path.join(d, 'checkpoint-5'), exist_ok=True); "
             "time.sleep(0 if '--resume_from_checkpoint' in sys.argv else 120)")
     executor = submitit.LocalExecutor(folder=tmp_path / "logs" / "%j")
     executor.update_parameters(timeout_min=0.2, signal_delay_s=8, gpus_per_node=0)  # the signal after 4 s
@@ -151,16 +154,17 @@ def test_a_rerun_does_not_submit_a_job_that_is_still_queued_or_running(tmp_path,
     unfinished = tmp_path / "never-written.json"
     jobs = [sweep.Job("a", ["-c", "print('a')"], (unfinished,)),
             sweep.Job("b", ["-c", "print('b')"], (tmp_path / "b.json",), deps=("a",))]
-    ran, _, failed = sweep.run_submitit(jobs[:1], _local_args(), tmp_path / "logs")
+    ran, _, failed, held = sweep.run_submitit(jobs[:1], _local_args(), tmp_path / "logs")
     record = json.loads((tmp_path / "logs" / "submitted.json").read_text())
     assert ran == ["a"] and failed == [] and set(record) == {"a"} and record["a"]["job_id"]
     asked = []
-    ran, _, failed = sweep.run_submitit(jobs, _local_args(), tmp_path / "logs",
-                                        state=lambda launcher, jid: asked.append(jid) or "RUNNING")
+    ran, _, failed, held = sweep.run_submitit(jobs, _local_args(), tmp_path / "logs",
+                                              state=lambda launcher, jid: asked.append(jid) or "RUNNING")
     assert ran == [] and failed == [] and asked == [record["a"]["job_id"]]
-    assert "already queued or running as job" in caplog.text and "waits for a job of an earlier sweep" in caplog.text
+    assert sorted(held) == ["a", "b"]  # reported as held, not as nothing at all (the sweep exits 3, not 0)
+    assert "already queued or running as job" in caplog.text and "waits for a job of another sweep" in caplog.text
     # once it has left the queue, it is submitted again (it never finished)
-    ran, _, _ = sweep.run_submitit(jobs[:1], _local_args(), tmp_path / "logs", state=lambda launcher, jid: "")
+    ran, _, _, _ = sweep.run_submitit(jobs[:1], _local_args(), tmp_path / "logs", state=lambda launcher, jid: "")
     assert ran == ["a"]
 
 
@@ -180,7 +184,7 @@ def test_a_refused_submission_is_reported_and_the_others_are_kept(tmp_path, capl
     jobs = [sweep.Job("ok", ["-c", "print('ok')"], ()),
             sweep.Job("refused", ["-c", "print('refused')"], ()),
             sweep.Job("after", ["-c", "pass"], (), deps=("refused",))]
-    ran, _, failed = sweep.run_submitit(jobs, _local_args(), tmp_path / "logs")
+    ran, _, failed, held = sweep.run_submitit(jobs, _local_args(), tmp_path / "logs")
     assert ran == ["ok"] and sorted(failed) == ["after", "refused"]
     assert "QOSMaxSubmitJobPerUserLimit" in caplog.text
     assert set(json.loads((tmp_path / "logs" / "submitted.json").read_text())) == {"ok"}

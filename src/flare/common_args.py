@@ -111,6 +111,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def join_process_group(device: str) -> None:
+    """Under ``torchrun`` / ``accelerate launch``, an evaluation-only run (zero-shot, translate-test, --eval_only)
+    joins the process group, as a training run's Trainer does, so its evaluation is sharded across the ranks and
+    gathered in order (:meth:`flare.evaluation.Evaluator.predict`) instead of every rank evaluating everything."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+
+
 def is_main_process() -> bool:
     """Rank 0 of a distributed run (``torchrun``/``accelerate launch`` set ``RANK``), or a plain run: the process
     that writes results, predictions, adapters and ``run_config.json``."""

@@ -58,11 +58,16 @@ class Evaluator:
                  batch_size: int = 32, doc_stride: int = 128, max_answer_length: int = 30,
                  generate_max_tokens: int = 100, features: datasets.Dataset | None = None,
                  batch_context: BatchContext | None = None, extra_columns: tuple[str, ...] = (),
-                 pad_values: dict | None = None, parse: str = "first", eval_mode: str = "generate"):
+                 pad_values: dict | None = None, parse: str = "first", eval_mode: str = "generate",
+                 autocast: torch.dtype | None = None):
         self.task, self.info, self.spec, self.tokenizer = task, TASKS[task], spec, tokenizer
+        # --bf16 / --fp16: every forward (and generate(), and a FLARE source pass in batch_context) under the
+        # autocast training uses; the Trainer's autocast reaches the wrapped model's forward only, not generate()
+        self.autocast = autocast
         self.label_rule = label_rule(task, parse) if self.info.kind == "cls" else None
         self.outputs: list[str] | None = None  # decoders: the raw generated texts of the last predict()
         self.batches_run: int | None = None  # batches this process ran in the last predict() (its DDP share)
+        self.processes: int | None = None  # processes the last predict() was sharded across
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"--eval_mode {eval_mode!r}: choose one of {', '.join(EVAL_MODES)}")
         if eval_mode == "score" and (spec.family != "decoder" or self.info.kind != "cls"):
@@ -115,7 +120,7 @@ class Evaluator:
         rank, world = shard()
         device = self._device(model)
         mine = range(rank, self._n_batches(), world)
-        self.batches_run = len(mine)
+        self.batches_run, self.processes = len(mine), world
         outputs = {}
         for number, batch in zip(mine, tqdm(self.batches(numbers=mine), desc=desc, leave=False, total=len(mine),
                                             disable=rank != 0)):
@@ -131,16 +136,22 @@ class Evaluator:
     def predict(self, model) -> list:
         was_training = model.training
         model.eval()
+        precision = (torch.autocast(device_type=self._device(model).type, dtype=self.autocast) if self.autocast
+                     else contextlib.nullcontext())
         try:
-            if self.eval_mode == "score":
-                return self._score_labels(model)
-            if self.spec.family == "decoder":
-                return self._generate(model)
-            if self.info.kind == "cls":
-                return self._classify(model)
-            return self._extract(model)
+            with precision:
+                return self._predict(model)
         finally:
             model.train(was_training)
+
+    def _predict(self, model) -> list:
+        if self.eval_mode == "score":
+            return self._score_labels(model)
+        if self.spec.family == "decoder":
+            return self._generate(model)
+        if self.info.kind == "cls":
+            return self._classify(model)
+        return self._extract(model)
 
     def _device(self, model) -> torch.device:
         return next(p.device for p in model.parameters())

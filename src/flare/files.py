@@ -33,6 +33,69 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 
 ADAPTER_FILE = "adapter_model.safetensors"  # a run directory's adapter (+ head) weights
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it LAST into a checkpoint-N folder
+CHECKPOINT_NEEDS = ("optimizer.pt", "scheduler.pt")  # what a resume loads besides the weights
+CHECKPOINT_WEIGHTS = (ADAPTER_FILE, "model.safetensors")
+RUNTIME_FILE = "flare_runtime.json"  # in a checkpoint: training seconds of every attempt up to it (written before
+# trainer_state.json, so a complete checkpoint has it)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is truncated or corrupt (its header and size disagree), or None if it is whole. Read with
+    the standard library (an 8-byte little-endian header size, a JSON header of tensor offsets, the data), so a flag
+    check never waits for torch."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) != size:
+            raise ValueError(f"the header describes {8 + n + max(ends, default=0)} bytes, the file has {size}")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        return str(e)
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` (a Trainer ``checkpoint-N`` folder) cannot be resumed from, or None if it is complete: a save cut
+    by a time limit or a preemption leaves it without its last files (trainer_state.json is written last), or with a
+    truncated weights file."""
+    if not ckpt.is_dir():
+        return "not a folder"
+    missing = [name for name in (TRAINER_STATE, *CHECKPOINT_NEEDS) if not (ckpt / name).is_file()]
+    weights = [ckpt / name for name in CHECKPOINT_WEIGHTS if (ckpt / name).is_file()]
+    if not weights:
+        missing.insert(0, " or ".join(CHECKPOINT_WEIGHTS))
+    if missing:
+        return "no " + ", ".join(missing)
+    for path in [*weights, *sorted(ckpt.glob("*.safetensors"))]:
+        if (problem := safetensors_problem(path)) is not None:
+            return f"{path.name} is truncated ({problem})"
+    try:
+        json.loads((ckpt / TRAINER_STATE).read_text())
+    except (ValueError, OSError) as e:
+        return f"{TRAINER_STATE} is not valid JSON ({e})"
+    return None
+
+
+def newest_complete_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the complete ``checkpoint-N`` of ``run_dir`` with the highest N, or None; the newer incomplete ones skipped,
+    each with why). What ``--resume_from_checkpoint last`` means, in both stages and in a requeued cluster job."""
+    found = []
+    for path in Path(run_dir).glob("checkpoint-*"):
+        step = path.name[len("checkpoint-"):]
+        if step.isdigit():
+            found.append((int(step), path))
+    skipped = []
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
 def read_run_config(ckpt_dir: str | Path) -> dict:

@@ -19,6 +19,7 @@ from flare.common_args import (
     check_bf16,
     check_eval_mode,
     is_main_process,
+    join_process_group,
     resolve_device,
 )
 from flare.config import TASKS, ModelSpec, model_name, resolve_model
@@ -26,12 +27,14 @@ from flare.languages import check_task_language
 from flare.stages import (
     RunConfig,
     TrainingOptions,
+    autocast_dtype,
     check_adapter_file,
     check_checkpoint_matches,
     check_output_dir,
     check_positive,
     check_resume,
     default_optim,
+    resume_checkpoint,
     setup_tracking,
     stage_main,
     test_results,
@@ -170,7 +173,7 @@ def run(cfg: Stage1Config) -> dict:
         return Evaluator(cfg.task, cfg.spec, tokenizer, ds, cfg.max_length, batch_size=o.batch_size,
                          doc_stride=o.doc_stride, max_answer_length=o.max_answer_length,
                          generate_max_tokens=o.generate_max_tokens, parse=o.parse,
-                         eval_mode=o.eval_mode)
+                         eval_mode=o.eval_mode, autocast=autocast_dtype(o))
 
     results: dict = {}
     if not o.eval_only:
@@ -183,20 +186,21 @@ def run(cfg: Stage1Config) -> dict:
             data_collator=PadCollator(tokenizer.pad_token_id, tokenizer.padding_side, keep=keep),
             processing_class=tokenizer, evaluator=val_eval,
         )
-        resume = o.resume_from_checkpoint
         t0 = time.time()
-        train_out = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+        train_out = trainer.train(resume_from_checkpoint=resume_checkpoint(o.resume_from_checkpoint, cfg.run_dir))
         results.update(trainer.summary(train_out, time.time() - t0),
                        n_train=len(train_ds), n_train_features=len(feats))
         if is_main_process():  # distributed: rank 0 writes
             save_adapter(model, cfg.run_dir)
 
+    if o.eval_only:
+        join_process_group(cfg.device)  # torchrun: the evaluation sharded, as after training
     test_eval = evaluator(test_ds)
     t0 = time.time()
     predictions = test_eval.predict(model)  # no_grad, eval mode
     metrics = test_eval.score(predictions)
     results.update(test_results(metrics, time.time() - t0, len(test_ds), param_total, param_train),
-                   run_name=cfg.run_name, mode="task_ft")
+                   run_name=cfg.run_name, mode="task_ft", eval_processes=test_eval.processes)
     logger.info("test metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     # an --eval_only run of a saved run leaves that run's run_config.json as it is
     return write_run(cfg, results, test_eval.records(predictions), "test", config=not o.eval_only)

@@ -40,6 +40,7 @@ from flare.common_args import (
     check_bf16,
     check_eval_mode,
     is_main_process,
+    join_process_group,
     resolve_device,
 )
 from flare.config import (
@@ -57,12 +58,14 @@ from flare.stages import (
     POSITIVE,
     RunConfig,
     TrainingOptions,
+    autocast_dtype,
     check_adapter_file,
     check_checkpoint_matches,
     check_output_dir,
     check_positive,
     check_resume,
     default_optim,
+    resume_checkpoint,
     setup_tracking,
     stage_main,
     test_results,
@@ -382,13 +385,6 @@ def model_outputs(model, batch: dict, fusion=None):
     return torch.cat([f.detach().flatten().cpu().float() for f in fields])  # no fp32 copy on the device
 
 
-def autocast_dtype(opts):
-    """The dtype training runs its matmuls in under --bf16 / --fp16 (None: fp32)."""
-    import torch
-
-    return torch.bfloat16 if opts.bf16 else torch.float16 if opts.fp16 else None
-
-
 def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None):
     """(model, fusion, start): the stage-1 model verifiably loaded; for training modes a new adapter on top of it
     (stacked, or after merging as ``--stage1_merge`` says) and its fusion. ``probe`` (a model-ready batch) checks
@@ -419,7 +415,8 @@ def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None
                         attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
                                                 or getattr(config, "attention_dropout", 0.0) or 0.0),
                         mt_encoder=mt, cache_source_states=cfg.cache_source_states,
-                        cache_limit_mb=cfg.cache_source_mb, state_dtype=autocast_dtype(o)).attach()
+                        cache_limit_mb=cfg.cache_source_mb, state_dtype=autocast_dtype(o),
+                        autocast_dtype=autocast_dtype(o)).attach()
     start: dict = {}
     if reference is not None:
         diff = (model_outputs(model, probe, fusion) - reference).abs().max().item()
@@ -501,7 +498,7 @@ def run(cfg: Stage2Config) -> dict:
                          doc_stride=o.doc_stride, max_answer_length=o.max_answer_length,
                          generate_max_tokens=o.generate_max_tokens, features=feats,
                          batch_context=fusion.source if fusion else None, extra_columns=extra_columns(feats),
-                         pad_values=pad_values, parse=o.parse, eval_mode=o.eval_mode)
+                         pad_values=pad_values, parse=o.parse, eval_mode=o.eval_mode, autocast=autocast_dtype(o))
 
     results: dict = dict(data.counts, **start, stage1_merge=cfg.stage1_merge if cfg.trains else None)
     if cfg.trains:
@@ -520,9 +517,8 @@ def run(cfg: Stage2Config) -> dict:
             processing_class=tokenizer, evaluator=val_eval, fusion=fusion, source_columns=source_cols,
             save_adapters=(NEW,) if stacked else None,
         )
-        resume = o.resume_from_checkpoint
         t0 = time.time()
-        train_out = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+        train_out = trainer.train(resume_from_checkpoint=resume_checkpoint(o.resume_from_checkpoint, cfg.run_dir))
         if stacked:
             activate(model)  # the best checkpoint's reload may have reset which adapters the layers run
         results.update(trainer.summary(train_out, time.time() - t0),
@@ -533,12 +529,15 @@ def run(cfg: Stage2Config) -> dict:
                 fusion.save(cfg.run_dir)
     calls_train = fusion.calls["train"] if fusion else 0
 
+    if not cfg.trains:
+        join_process_group(cfg.device)  # torchrun: the evaluation sharded, as after training
     test_eval = evaluator(data.test)
     t0 = time.time()
     predictions = test_eval.predict(model)
     metrics = test_eval.score(predictions)
     results.update(test_results(metrics, time.time() - t0, len(data.test), param_total, param_train),
-                   run_name=cfg.run_name, mode=cfg.mode, fusion_calls_train=calls_train,
+                   run_name=cfg.run_name, mode=cfg.mode, eval_processes=test_eval.processes,
+                   fusion_calls_train=calls_train,
                    fusion_calls_eval=fusion.calls["eval"] if fusion else 0)
     if fusion is not None and fusion.cache is not None:
         results.update(fusion.cache.summary())

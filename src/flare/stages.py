@@ -8,8 +8,8 @@ as attributes (``cfg.opts.lr``), never from the raw flag dict, which is only rec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -113,16 +113,44 @@ def check_positive(args: argparse.Namespace, names: tuple[str, ...] = POSITIVE) 
 
 
 def check_resume(resume: str | None, run_dir: Path) -> None:
-    """``--resume_from_checkpoint``: 'last' needs a checkpoint in the run directory, a path must be a checkpoint."""
+    """``--resume_from_checkpoint``: 'last' needs a complete checkpoint in the run directory, a path must be a
+    complete checkpoint (:func:`flare.files.checkpoint_problem`)."""
+    from flare.files import checkpoint_problem, newest_complete_checkpoint
+
     if resume is None:
         return
     if resume == "last":
-        if not any(run_dir.glob("checkpoint-*/trainer_state.json")):
-            raise UsageError(f"--resume_from_checkpoint last: {run_dir} has no checkpoint to resume; drop the flag to "
-                             "start the run from the beginning")
-    elif not (Path(resume) / "trainer_state.json").is_file():
-        raise UsageError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no trainer_state.json); pass "
-                         f"one of {run_dir}/checkpoint-*, or 'last'")
+        found, skipped = newest_complete_checkpoint(run_dir)
+        if found is None:
+            why = "; ".join(f"{p.name}: {problem}" for p, problem in skipped)
+            raise UsageError(f"--resume_from_checkpoint last: {run_dir} has no complete checkpoint to resume"
+                             f"{' (' + why + ')' if why else ''}; drop the flag to start the run from the beginning")
+    elif (problem := checkpoint_problem(Path(resume))) is not None:
+        raise UsageError(f"--resume_from_checkpoint {resume}: not a complete checkpoint folder ({problem}); pass "
+                         f"one of {run_dir}/checkpoint-*, or 'last' for the newest complete one")
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint folder the Trainer resumes from: 'last' is the newest COMPLETE ``checkpoint-N`` of the run
+    directory (a save cut by a time limit or a preemption leaves a newer, incomplete one: it is named in the log
+    and moved aside to ``incomplete-checkpoint-N``, so the Trainer's checkpoint rotation never keeps it in place of
+    a good one)."""
+    from flare.files import newest_complete_checkpoint
+
+    if resume != "last":
+        return resume
+    found, skipped = newest_complete_checkpoint(run_dir)
+    for path, problem in skipped:
+        logger.warning("!!! %s is incomplete (%s), a save cut short: skipped, resuming from %s", path, problem,
+                       found.name if found else None)
+        if is_main_process():
+            with contextlib.suppress(OSError):  # another rank moved it already
+                path.rename(path.with_name("incomplete-" + path.name))
+    if found is None:
+        raise UsageError(f"--resume_from_checkpoint last: {run_dir} has no complete checkpoint to resume; drop the "
+                         "flag to start the run from the beginning")
+    logger.info("resuming from %s", found)
+    return str(found)
 
 
 def check_output_dir(output_dir: str | Path) -> None:
@@ -143,23 +171,13 @@ def check_adapter_file(load_ckpt: Path) -> None:
     here, before any model is loaded, rather than deep inside peft. Read with the standard library (an 8-byte
     little-endian header size, a JSON header of tensor offsets, the data), so a bad flag never waits for torch."""
     from flare.errors import CheckpointError
-    from flare.files import ADAPTER_FILE
+    from flare.files import ADAPTER_FILE, safetensors_problem
 
     path = load_ckpt / ADAPTER_FILE
     if not path.is_file():
         raise CheckpointError(f"{load_ckpt}: no {ADAPTER_FILE}; pass a run directory written by run_task_ft.py")
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-        if 8 + n + max(ends, default=0) != size:
-            raise ValueError(f"the header describes {8 + n + max(ends, default=0)} bytes, the file has {size}")
-    except (ValueError, KeyError, TypeError, IndexError) as e:  # json.JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path} is truncated or corrupt ({e}); copy it again or re-run run_task_ft.py") from e
+    if (problem := safetensors_problem(path)) is not None:
+        raise CheckpointError(f"{path} is truncated or corrupt ({problem}); copy it again or re-run run_task_ft.py")
 
 
 def check_checkpoint_matches(load_ckpt: Path, saved: dict, task: str, plm: str, fix: str = "") -> None:
@@ -193,10 +211,19 @@ def step_budget(n_train: int, opts: TrainingOptions) -> int:
     return max(n_train * opts.epochs // global_batch, 1)
 
 
+def autocast_dtype(opts: TrainingOptions):
+    """The dtype training runs its matmuls in under --bf16 / --fp16 (None: fp32)."""
+    import torch
+
+    return torch.bfloat16 if opts.bf16 else torch.float16 if opts.fp16 else None
+
+
 def use_tf32(device: str, opts: TrainingOptions) -> bool | None:
-    """TF32 matmuls for fp32 training on an Ampere or newer GPU (about 10-bit mantissa products, fp32 accumulation:
-    the usual setting for fp32 fine-tuning there); None leaves torch's default elsewhere."""
-    if not device.startswith("cuda") or opts.bf16 or opts.fp16:
+    """TF32 matmuls on an Ampere or newer GPU (about 10-bit mantissa products, fp32 accumulation: the usual setting
+    for fp32 fine-tuning there), also under --bf16 / --fp16: what runs outside autocast (the optimizer's fp32
+    arithmetic, a loss or norm kept in fp32) would otherwise pay full fp32 matmuls; None leaves torch's default
+    elsewhere."""
+    if not device.startswith("cuda"):
         return None
     import torch
 
@@ -226,6 +253,9 @@ def training_arguments(cfg: RunConfig, n_train: int, label_names: tuple[str, ...
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
         train_sampling_strategy="group_by_length" if o.group_by_length else "random",
         activation_checkpointing=False,  # enabled on the model itself (non-reentrant) when asked
+        # every trainable parameter (LoRA, heads, fusion modules) gets a gradient in every step: DDP need not search
+        # the graph for unused ones (transformers' default for a peft model is to search, and warn that none was found)
+        ddp_find_unused_parameters=False,
     )
 
 

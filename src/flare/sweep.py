@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flare.config import model_name
@@ -38,6 +38,8 @@ logger = logging.getLogger("flare.sweep")
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING_SCRIPTS = ("run.py", "run_task_ft.py")  # jobs that train: checkpoints to resume from, DDP over several GPUs
+EVAL_ONLY_FLAGS = ("--eval_only", "--translate-test")  # run.py / run_task_ft.py runs that train nothing
+HELD_EXIT = 3  # the sweep's exit status when nothing failed but jobs were left to another sweep
 MODES = ("zero-shot", "translate-test", "lora", "input-fusion", "flare", "flare-mt")
 
 
@@ -260,22 +262,87 @@ def command(job: Job, python: str = sys.executable) -> list[str]:
     return [python, script, *job.argv[1:]]
 
 
-def blocked_by(job: Job, failed: list[str]) -> str | None:
-    return next((d for d in job.deps if d in failed), None)
+@dataclass
+class Outcome:
+    """What a sweep did with its jobs (names): ran, skipped (finished before), failed (or a predecessor failed), held
+    (another process runs the job, or an earlier sweep's job it waits for is still queued or running: not run
+    here, nothing failed; run the sweep again once they are done)."""
+
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+
+    def __iter__(self):  # ran, skipped, failed, held = outcome
+        return iter((self.ran, self.skipped, self.failed, self.held))
 
 
-def settle(job: Job, skipped: list[str], failed: list[str], prefix: str = "") -> bool:
-    """True if ``job`` needs no run: finished before (-> skipped) or a predecessor failed (-> failed); ``prefix``
-    goes before the log line (the serial sweep's ``[i/n] ``)."""
+def blocked_by(job: Job, names: list[str]) -> str | None:
+    return next((d for d in job.deps if d in names), None)
+
+
+def settle(job: Job, out: Outcome, prefix: str = "") -> bool:
+    """True if ``job`` needs no run here: finished before (-> skipped), a predecessor failed (-> failed) or is run by
+    another process (-> held); ``prefix`` goes before the log line (the serial sweep's ``[i/n] ``)."""
     if job.finished:
         logger.info("%sskip (finished): %s", prefix, job.name)
-        skipped.append(job.name)
+        out.skipped.append(job.name)
         return True
-    if (dep := blocked_by(job, failed)) is not None:
+    if (dep := blocked_by(job, out.failed)) is not None:
         logger.error("%snot started, %s failed: %s", prefix, dep, job.name)
-        failed.append(job.name)
+        out.failed.append(job.name)
+        return True
+    if (dep := blocked_by(job, out.held)) is not None:
+        logger.warning("%snot started, it waits for %s, which another process runs: %s", prefix, dep, job.name)
+        out.held.append(job.name)
         return True
     return False
+
+
+def claim_path(job: Job) -> Path | None:
+    """The lock file that claims ``job`` (None for a job without done files: it always runs): beside a training
+    job's run directory (``.<run>.claim``), else beside its first done file. Every sweep on the same folders uses the
+    same file, whatever its --output_dir or job names."""
+    if not job.done_files:
+        return None
+    target = job.run_dir or job.done_files[0]
+    return target.with_name(f".{target.name}.claim")
+
+
+@contextlib.contextmanager
+def claimed(path: Path | None):
+    """Claim ``path`` (a lock file) for the block: yields True if this process holds it, False if another process
+    does. The lock dies with its holder (an OS file lock: a crashed or killed sweep leaves no stale claim)."""
+    if path is None:
+        yield True
+        return
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def claim_or_hold(job: Job, lock: contextlib.ExitStack, out: Outcome, prefix: str = "") -> bool:
+    """Claim ``job`` into ``lock`` (released when the job ends). False, with the job held or skipped, if another
+    process holds it or finished it meanwhile."""
+    if not lock.enter_context(claimed(claim_path(job))):
+        logger.warning("%sclaimed by another process (another sweep runs it), not run here: %s", prefix, job.name)
+        out.held.append(job.name)
+        return False
+    if job.finished:  # finished by another sweep between the check and the claim
+        logger.info("%sskip (finished): %s", prefix, job.name)
+        out.skipped.append(job.name)
+        return False
+    return True
 
 
 def gpu_ids(spec: str) -> list[str]:
@@ -335,35 +402,41 @@ def gpu_slots(ids: list[str], per_job: int) -> list[str]:
 
 def distributed(cmd: list[str], nproc: int) -> list[str]:
     """A training script's command line under ``torchrun`` with one process per GPU (DDP); other jobs (the
-    translations) run as they are, on the first GPU of their slot."""
+    translations, evaluation-only runs) run as they are, on the first GPU of their slot."""
     script = Path(cmd[1]).name if len(cmd) > 1 else ""
-    if nproc <= 1 or script not in TRAINING_SCRIPTS:
-        return cmd
+    if nproc <= 1 or script not in TRAINING_SCRIPTS or any(flag in cmd for flag in EVAL_ONLY_FLAGS):
+        return cmd  # an evaluation-only run (zero-shot, translate-test) is one process: no K model loads
     return [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
 
 
 def run_jobs(jobs: list[Job], dry_run: bool = False, python: str = sys.executable,
-             in_process: bool = False) -> tuple[list, list, list]:
-    """One job at a time, in plan order (which is a dependency order). (ran, skipped, failed) job names; a failure
-    never stops the sweep, but the jobs that depend on a failed job are not started (failed too)."""
-    ran, skipped, failed = [], [], []
+             in_process: bool = False) -> Outcome:
+    """One job at a time, in plan order (which is a dependency order). A failure never stops the sweep, but the jobs
+    that depend on a failed job are not started (failed too). Each job is claimed while it runs
+    (:func:`claim_path`): a job another sweep is running is held, with its dependents, not run twice."""
+    out = Outcome()
     for i, job in enumerate(jobs, 1):
-        if settle(job, skipped, failed, f"[{i}/{len(jobs)}] "):
+        prefix = f"[{i}/{len(jobs)}] "
+        if settle(job, out, prefix):
             continue
         cmd = command(job, python)
         here = in_process and job.argv[0].endswith(".py")
-        logger.info("[%d/%d] %s%s\n  %s", i, len(jobs), job.name, " (in process)" if here else "", shlex.join(cmd))
         if dry_run:
+            logger.info("%s%s\n  %s", prefix, job.name, shlex.join(cmd))
             continue
-        t0 = time.time()
-        code = run_in_process(job) if here else subprocess.call(cmd)
+        with contextlib.ExitStack() as lock:
+            if not claim_or_hold(job, lock, out, prefix):
+                continue
+            logger.info("%s%s%s\n  %s", prefix, job.name, " (in process)" if here else "", shlex.join(cmd))
+            t0 = time.time()
+            code = run_in_process(job) if here else subprocess.call(cmd)
         if code != 0:
             logger.error("FAILED (exit %d): %s", code, job.name)
-            failed.append(job.name)
+            out.failed.append(job.name)
         else:
             logger.info("done in %.0f s: %s", time.time() - t0, job.name)
-            ran.append(job.name)
-    return ran, skipped, failed
+            out.ran.append(job.name)
+    return out
 
 
 def log_name(job: Job) -> str:
@@ -379,24 +452,28 @@ def run_parallel(jobs: list[Job], gpus: list[str], log_dir: Path, python: str = 
     import signal
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    ran, skipped, failed = [], [], []
+    out = Outcome()
     pending, free = list(jobs), gpu_slots(physical_gpus(gpus), gpus_per_job)
-    running: dict[str, tuple[Job, subprocess.Popen, float, object]] = {}
-    finished = lambda name: name in ran or name in skipped  # noqa: E731
+    running: dict[str, tuple[Job, subprocess.Popen, float, object, contextlib.ExitStack]] = {}
+    finished = lambda name: name in out.ran or name in out.skipped  # noqa: E731
 
     def stop(signum, _frame):
         logger.error("sweep: signal %d, stopping %d running job(s)", signum, len(running))
         stop_process_groups([(proc.pid, lambda proc=proc: proc.poll() is not None)
-                             for _, proc, _, _ in running.values()])
+                             for _, proc, _, _, _ in running.values()])
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while pending or running:
             for job in list(pending):
-                if settle(job, skipped, failed):
+                if settle(job, out):
                     pending.remove(job)
                 elif free and all(finished(d) for d in job.deps):
+                    lock = contextlib.ExitStack()
+                    if not claim_or_hold(job, lock, out):
+                        pending.remove(job)
+                        continue
                     gpu = free.pop(0)
                     log = open(log_dir / log_name(job), "w")  # noqa: SIM115 - closed when the job ends
                     cmd = distributed(command(job, python), gpus_per_job)
@@ -406,56 +483,99 @@ def run_parallel(jobs: list[Job], gpus: list[str], log_dir: Path, python: str = 
                     # its own process group: a stop reaches every process it started (torchrun's workers)
                     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                                             start_new_session=True)
-                    running[gpu] = (job, proc, time.time(), log)
+                    running[gpu] = (job, proc, time.time(), log, lock)
                     pending.remove(job)
                     logger.info("GPU %s: %s (log %s)", gpu, job.name, log.name)
-            for gpu, (job, proc, t0, log) in list(running.items()):
+            for gpu, (job, proc, t0, log, lock) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
+                lock.close()
                 del running[gpu]
                 free.append(gpu)
                 if proc.returncode == 0:
                     logger.info("done in %.0f s on GPU %s: %s", time.time() - t0, gpu, job.name)
-                    ran.append(job.name)
+                    out.ran.append(job.name)
                 else:
                     logger.error("FAILED (exit %d): %s; log: %s", proc.returncode, job.name, log.name)
-                    failed.append(job.name)
+                    out.failed.append(job.name)
             if running or pending:
                 time.sleep(poll_s)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return ran, skipped, failed
+        for *_, lock in running.values():
+            lock.close()
+    return out
 
 
 class ResumableCommand:
-    """A submitit job that runs one command line, and on a time limit or a preemption requeues ITSELF resuming from
-    its last checkpoint (``--resume_from_checkpoint last``; submitit calls :meth:`checkpoint` on the signal Slurm
-    sends before the end, then requeues the job with what it returns). The command's process group is stopped first.
-    A failed command raises, as submitit's ``CommandFunction`` does."""
+    """A submitit job that runs one command line and, on a time limit or a preemption, requeues ITSELF resuming from
+    its newest complete checkpoint (``--resume_from_checkpoint last``), so its dependents still run.
 
-    def __init__(self, cmd: list[str], cwd: str, run_dir: str | None = None):
-        self.cmd, self.cwd, self.run_dir = list(cmd), cwd, run_dir
+    Two ways a cluster ends a job early, both handled:
+
+    * the signal submitit waits for (Slurm's ``--signal`` before the time limit, USR2 by default): submitit calls
+      :meth:`checkpoint` and requeues the job with what it returns;
+    * SIGTERM to every process of the step, as many Slurm sites preempt (and as ``scancel`` does): submitit only logs
+      it, the training command dies of it, and the job used to fail ("command failed with exit -15") with its
+      dependents cancelled. Here a SIGTERM to this process is passed on to the command's process group, and a
+      command ended by SIGTERM (this process signalled, or the command's exit -15 / 143) is a preemption: the job
+      raises submitit's requeue signal at itself, which takes the same path as the first case.
+
+    The command's process group is stopped before a requeue. A command that fails otherwise raises, as submitit's
+    ``CommandFunction`` does. ``claim``: a lock file held while the command runs (:func:`claim_path`): a second
+    copy of the same run (another sweep's job) finds it held and fails at once instead of training into the same
+    folder."""
+
+    def __init__(self, cmd: list[str], cwd: str, run_dir: str | None = None, claim: str | None = None):
+        self.cmd, self.cwd, self.run_dir, self.claim = list(cmd), cwd, run_dir, claim
         self._proc = None
 
     def __getstate__(self):  # the running process does not travel with a requeued job
         return {k: v for k, v in self.__dict__.items() if k != "_proc"}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _proc=None)
+        self.__dict__.update({"claim": None, **state}, _proc=None)
 
     def __call__(self) -> int:
-        print("running: " + shlex.join(self.cmd), flush=True)
-        self._proc = subprocess.Popen(self.cmd, cwd=self.cwd, start_new_session=True)
-        code = self._proc.wait()
+        import signal
+
+        terminated = []
+
+        def on_sigterm(signum, _frame):
+            terminated.append(signum)
+            if self._proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGTERM)
+
+        lock = claimed(Path(self.claim)) if self.claim else contextlib.nullcontext(True)
+        with lock as got:
+            if not got:
+                raise RuntimeError(f"{self.claim} is held by another process (another sweep runs this job); not "
+                                   f"run twice: {shlex.join(self.cmd)}")
+            print("running: " + shlex.join(self.cmd), flush=True)
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+            try:
+                self._proc = subprocess.Popen(self.cmd, cwd=self.cwd, start_new_session=True)
+                code = self._proc.wait()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        if code != 0 and (terminated or code in (-signal.SIGTERM, 128 + signal.SIGTERM)):
+            requeue_signal = preemption_signal()
+            if requeue_signal is not None:
+                print(f"the command ended by SIGTERM (exit {code}): a preemption; requeueing", flush=True)
+                signal.raise_signal(requeue_signal)  # submitit's handler: checkpoint() then requeue; it exits
         if code != 0:
             raise RuntimeError(f"command failed with exit {code}: {shlex.join(self.cmd)}")
         return code
 
     def resumed(self) -> list[str]:
-        """The command that resumes from the run's last checkpoint, if it has one (else the same command)."""
-        has_ckpt = self.run_dir is not None and any(Path(self.run_dir).glob("checkpoint-*"))
+        """The command that resumes from the run's newest complete checkpoint, if it has one (else the same
+        command: a job preempted before its first complete save starts over)."""
+        from flare.files import newest_complete_checkpoint
+
+        has_ckpt = self.run_dir is not None and newest_complete_checkpoint(Path(self.run_dir))[0] is not None
         if not has_ckpt or "--resume_from_checkpoint" in self.cmd:
             return list(self.cmd)
         return [*self.cmd, "--resume_from_checkpoint", "last"]
@@ -463,7 +583,7 @@ class ResumableCommand:
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
 
-        if self._proc is not None:
+        if self._proc is not None and self._proc.returncode is None:
             # called from a signal handler while __call__ is inside Popen.wait(), which holds the Popen's lock:
             # reap with os.waitpid, not with the Popen
             pid = self._proc.pid
@@ -476,7 +596,21 @@ class ResumableCommand:
 
             stop_process_groups([(pid, exited)], grace_s=60)
         logger.info("requeued, resuming: %s", shlex.join(self.resumed()))
-        return DelayedSubmission(ResumableCommand(self.resumed(), self.cwd, self.run_dir))
+        return DelayedSubmission(ResumableCommand(self.resumed(), self.cwd, self.run_dir, self.claim))
+
+
+def preemption_signal():
+    """The signal on which submitit checkpoints and requeues the job this process runs (its handler is installed), or
+    None outside a submitit job."""
+    import signal
+
+    try:
+        from submitit import JobEnvironment
+
+        sig = JobEnvironment()._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+    except Exception:  # noqa: BLE001 - not inside a submitit job (or an unknown signal name)
+        return None
+    return sig if callable(signal.getsignal(sig)) else None
 
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
@@ -501,17 +635,20 @@ def job_state(launcher: str, job_id: str) -> str:
 
 def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
                  python: str = sys.executable,
-                 state: Callable[[str, str], str] = job_state) -> tuple[list, list, list]:
+                 state: Callable[[str, str], str] = job_state) -> Outcome:
     """Every unfinished job through submitit. Slurm: each job submitted with ``afterok`` dependencies on its
     predecessors' Slurm jobs, all at once; local (submitit's local executor, no dependency support): submitted
     wave by wave, each job once its predecessors have finished. Logs: submitit's per-job files in ``log_dir``.
 
-    Each job is a :class:`ResumableCommand` (a time limit or preemption requeues it from its last checkpoint) named
-    after its run; a job that needs several GPUs is one job running torchrun. The submitted job ids are recorded in
-    ``log_dir/submitted.json`` as they are submitted: a re-run of the sweep does not submit a run whose job is still
-    pending or running (its dependents wait for that job). A submission that fails (e.g. a per-user cap) is
-    reported, its dependents are not submitted, and the jobs already submitted stay recorded."""
+    Each job is a :class:`ResumableCommand` (a time limit or preemption requeues it from its newest complete
+    checkpoint) named after its run; a job that needs several GPUs is one job running torchrun. The submitted job
+    ids are recorded in ``log_dir/submitted.json``, read and written under a lock (``submitted.json.lock``), one job
+    at a time: a sweep started beside another one on the same folder, or re-run later, does not submit a run whose
+    job is still pending or running (its dependents wait for that job, and are reported held). A submission that
+    fails (e.g. a per-user cap) is reported, its dependents are not submitted, and the jobs already submitted stay
+    recorded."""
     import submitit
+    from filelock import FileLock
 
     from flare.files import write_json_atomic
 
@@ -524,28 +661,39 @@ def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
                                          ("slurm_constraint", getattr(args, "slurm_constraint", None)),
                                          ("slurm_setup", getattr(args, "slurm_setup", None))) if v})
     executor.update_parameters(**params)
-    ran, skipped, failed = [], [], []
+    out = Outcome()
     submitted: dict[str, object] = {}  # job name -> submitit job (this sweep's)
-    elsewhere: dict[str, str] = {}  # job name -> id of a job an earlier sweep submitted, still queued or running
+    elsewhere: dict[str, str] = {}  # job name -> id of a job another sweep submitted, still queued or running
     log_dir.mkdir(parents=True, exist_ok=True)
     record_path = log_dir / SUBMITTED_FILE
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    pending = []
-    for job in jobs:
+    record_lock = FileLock(str(record_path) + ".lock")
+
+    def read_record() -> dict:
+        return json.loads(record_path.read_text()) if record_path.is_file() else {}
+
+    def active_elsewhere(job: Job, record: dict) -> str | None:
         old = record.get(job.name, {}).get("job_id")
         if old and not job.finished and state(args.launcher, str(old)) in ACTIVE_STATES:
-            logger.info("already queued or running as job %s (not submitted again): %s", old, job.name)
-            elsewhere[job.name] = str(old)
-        else:
-            pending.append(job)
+            return str(old)
+        return None
+
+    with record_lock:
+        record = read_record()
+        pending = []
+        for job in jobs:
+            if (old := active_elsewhere(job, record)) is not None:
+                logger.info("already queued or running as job %s (not submitted again): %s", old, job.name)
+                elsewhere[job.name] = old
+            else:
+                pending.append(job)
 
     def job_id(name: str) -> str | None:
         return submitted[name].job_id if name in submitted else elsewhere.get(name)
 
     def submit(job: Job) -> bool:
-        if (dep := blocked_by(job, failed)) is not None:  # (Slurm submits a whole wave: a predecessor's sbatch failed)
+        if (dep := blocked_by(job, out.failed)) is not None:  # (Slurm submits a whole wave: a predecessor failed)
             logger.error("not submitted, %s failed: %s", dep, job.name)
-            failed.append(job.name)
+            out.failed.append(job.name)
             return False
         ids = [i for i in (job_id(d) for d in job.deps) if i]
         extra = {}
@@ -556,15 +704,28 @@ def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
         executor.update_parameters(name=name, **({"slurm_additional_parameters": extra}
                                                  if args.launcher == "slurm" else {}))
         cmd = distributed(command(job, python), args.gpus_per_job)
-        try:
-            run_dir = str(job.run_dir) if job.run_dir else None
-            submitted[job.name] = executor.submit(ResumableCommand(cmd, os.getcwd(), run_dir))
-        except Exception as e:  # noqa: BLE001 - sbatch refused (a cap, a bad partition): report, keep going
-            logger.error("FAILED to submit %s: %s", job.name, str(e).strip().splitlines()[-1] if str(e) else e)
-            failed.append(job.name)
-            return False
-        record[job.name] = {"job_id": submitted[job.name].job_id, "run_dir": run_dir}
-        write_json_atomic(record_path, record)
+        run_dir = str(job.run_dir) if job.run_dir else None
+        claim = claim_path(job)
+        with record_lock:  # another sweep may have submitted it, or run it, since this one started
+            record = read_record()
+            if job.finished:
+                logger.info("skip (finished meanwhile): %s", job.name)
+                out.skipped.append(job.name)
+                return False
+            if (old := active_elsewhere(job, record)) is not None:
+                logger.warning("submitted by another sweep meanwhile as job %s (not submitted again): %s", old,
+                               job.name)
+                elsewhere[job.name] = old
+                return False
+            try:
+                submitted[job.name] = executor.submit(ResumableCommand(cmd, os.getcwd(), run_dir,
+                                                                       str(claim) if claim else None))
+            except Exception as e:  # noqa: BLE001 - sbatch refused (a cap, a bad partition): report, keep going
+                logger.error("FAILED to submit %s: %s", job.name, str(e).strip().splitlines()[-1] if str(e) else e)
+                out.failed.append(job.name)
+                return False
+            record[job.name] = {"job_id": submitted[job.name].job_id, "run_dir": run_dir}
+            write_json_atomic(record_path, record)
         logger.info("submitted %s: %s (log %s)", submitted[job.name].job_id, job.name,
                     submitted[job.name].paths.stdout)
         return True
@@ -573,31 +734,33 @@ def run_submitit(jobs: list[Job], args: argparse.Namespace, log_dir: Path,
         sub = submitted[name]
         try:
             sub.result()
-            ran.append(name)
+            out.ran.append(name)
             logger.info("done: %s", name)
         except Exception as e:  # noqa: BLE001 - a failed job is reported, the others go on
-            failed.append(name)
+            out.failed.append(name)
             logger.error("FAILED: %s (%s); log: %s", name, type(e).__name__, sub.paths.stderr)
 
     while pending:
         wave = []
         for job in list(pending):
-            if settle(job, skipped, failed):
+            if settle(job, out):
                 pending.remove(job)
-            elif args.launcher == "slurm" or all(d in ran or d in skipped for d in job.deps):
+            elif args.launcher == "slurm" or all(d in out.ran or d in out.skipped for d in job.deps):
                 wave.append(job)
                 pending.remove(job)
         if not wave and pending:  # local: the rest waits for jobs that are still running
             if any(d in elsewhere for job in pending for d in job.deps):
                 for job in pending:
-                    logger.error("not submitted, it waits for a job of an earlier sweep that is still running: %s",
-                                 job.name)
+                    logger.warning("not submitted, it waits for a job of another sweep that is still queued or "
+                                   "running: %s", job.name)
+                    out.held.append(job.name)
                 break
             raise RuntimeError("sweep: no job can start; a dependency is missing from the plan")
         wave = [job for job in wave if submit(job)]
         for job in wave:
             collect(job.name)
-    return ran, skipped, failed
+    out.held.extend(name for name in elsewhere if name not in out.held)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -613,15 +776,19 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(args)
     log_dir = Path(args.log_dir or Path(args.output_dir) / "logs")
     if args.dry_run or not (args.gpus or args.launcher):
-        ran, skipped, failed = run_jobs(jobs, args.dry_run, in_process=args.in_process)
+        out = run_jobs(jobs, args.dry_run, in_process=args.in_process)
     elif args.gpus:
-        ran, skipped, failed = run_parallel(jobs, gpu_ids(args.gpus), log_dir, gpus_per_job=args.gpus_per_job)
+        out = run_parallel(jobs, gpu_ids(args.gpus), log_dir, gpus_per_job=args.gpus_per_job)
     else:
-        ran, skipped, failed = run_submitit(jobs, args, log_dir)
-    logger.info("sweep: %d ran, %d skipped (finished), %d failed", len(ran), len(skipped), len(failed))
-    for name in failed:
+        out = run_submitit(jobs, args, log_dir)
+    logger.info("sweep: %d ran, %d skipped (finished), %d failed, %d held (run by another sweep or waiting for "
+                "one)", len(out.ran), len(out.skipped), len(out.failed), len(out.held))
+    for name in out.failed:
         logger.error("failed: %s", name)
-    return 1 if failed else 0
+    if out.held:
+        logger.warning("%d job(s) not run here because another sweep runs them or what they wait for; run this "
+                       "sweep again once it is done (exit %d): %s", len(out.held), HELD_EXIT, ", ".join(out.held))
+    return 1 if out.failed else HELD_EXIT if out.held else 0
 
 
 if __name__ == "__main__":

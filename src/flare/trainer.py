@@ -9,8 +9,10 @@ projection) are saved into every checkpoint and reloaded with the best one or on
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from flare.evaluation import Evaluator
+from flare.files import RUNTIME_FILE, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,27 @@ class FlareTrainer(Trainer):
             # num_items_in_batch: their gradients would be world_size (or accumulation_steps) times too large.
             self.model_accepts_loss_kwargs = False
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """Training; a resumed run carries the training seconds of its earlier attempts (up to the checkpoint it
+        resumes from, recorded there in ``flare_runtime.json``), so ``train_runtime`` is the run's whole cost."""
+        self._attempt_start = time.time()
+        self._earlier = {"seconds": 0.0, "attempts": 0}
+        if isinstance(resume_from_checkpoint, str) and (Path(resume_from_checkpoint) / RUNTIME_FILE).is_file():
+            self._earlier = json.loads((Path(resume_from_checkpoint) / RUNTIME_FILE).read_text())
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _runtime_so_far(self) -> dict:
+        return {"seconds": self._earlier["seconds"] + time.time() - self._attempt_start,
+                "attempts": self._earlier["attempts"] + 1}
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.args.should_save:  # before the Trainer's own files: trainer_state.json, written last, marks it whole
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_json_atomic(folder / RUNTIME_FILE, self._runtime_so_far())
+        super()._save_checkpoint(model, trial)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.fusion is None:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -133,15 +157,19 @@ class FlareTrainer(Trainer):
             self.fusion.load(best)
 
     def summary(self, train_out, seconds: float) -> dict:
-        """What a finished training run reports in ``results_*.json`` (both stages): runtime, loss, steps, the best
-        checkpoint, and the validation metric that chose it (``validation_best``; every validation in
-        ``validation_history`` as [step, value]), e.g. to pick a training budget on validation data only."""
+        """What a finished training run reports in ``results_*.json`` (both stages): runtime (``seconds`` of this
+        attempt plus, for a resumed run, those of its earlier attempts up to the checkpoint it resumed from; time
+        an interrupted attempt spent after its last checkpoint is not counted), loss, steps, the best checkpoint, and
+        the validation metric that chose it (``validation_best``; every validation in ``validation_history`` as
+        [step, value]), e.g. to pick a training budget on validation data only."""
         key = self.args.metric_for_best_model
         history = [[int(h["step"]), float(h[key])] for h in self.state.log_history if key in h]
         a = self.args
         global_batch = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
         n_train = len(self.train_dataset) if self.train_dataset is not None else 0
-        return dict(train_runtime=seconds, train_loss=train_out.training_loss, train_steps=self.state.global_step,
+        earlier = getattr(self, "_earlier", {"seconds": 0.0, "attempts": 0})
+        return dict(train_runtime=seconds + earlier["seconds"], train_attempts=earlier["attempts"] + 1,
+                    train_loss=train_out.training_loss, train_steps=self.state.global_step,
                     world_size=a.world_size, effective_batch_size=global_batch,
                     # passes over the training features actually made: steps x global batch / features
                     epochs_trained=round(self.state.global_step * global_batch / n_train, 4) if n_train else None,

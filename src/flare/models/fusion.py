@@ -239,21 +239,27 @@ class SourceCache:
         return list(out.to(mask.device).unbind(0))
 
     def store(self, keys: list[bytes], mask: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """Keep the batch's new examples that fit under the limit. The sizes are known before any copy: once the
+        cache is full, a batch copies nothing to the CPU (it used to copy every layer's states, then drop them)."""
         self.stats["misses"] += 1
         rows = mask.cpu().bool()
-        stacked = None
+        per_position = len(states) * states[0].shape[-1] * states[0].element_size()  # bytes of one position
+        fits = []
         for b, key in enumerate(keys):
-            if key in self.entries:
+            if key in self.entries or key in fits:
                 continue
-            if stacked is None:
-                stacked = torch.stack([s.detach() for s in states]).cpu()  # (n, B, Ls, D)
-            entry = stacked[:, b, rows[b]].clone()  # (n, L_example, D)
-            size = entry.numel() * entry.element_size()
+            size = int(rows[b].sum()) * per_position
             if self.bytes + size > self.limit_bytes:
                 self.stats["full"] += 1
                 continue
-            self.entries[key] = entry
+            fits.append(key)
             self.bytes += size
+        if not fits:
+            return
+        stacked = torch.stack([s.detach() for s in states]).cpu()  # (n, B, Ls, D)
+        for b, key in enumerate(keys):
+            if key in fits and key not in self.entries:
+                self.entries[key] = stacked[:, b, rows[b]].clone()  # (n, L_example, D)
 
     def summary(self) -> dict:
         return {"source_cache_examples": len(self.entries), "source_cache_mb": round(self.bytes / 2**20, 1),
@@ -284,7 +290,7 @@ class Fusion:
                  padding_side: str, cross_attention_heads: int = 1, attention_dropout: float = 0.0,
                  mt_encoder: MTEncoder | None = None, causal: bool | None = None,
                  cache_source_states: bool = False, cache_limit_mb: float = 4096,
-                 state_dtype: torch.dtype | None = None):
+                 state_dtype: torch.dtype | None = None, autocast_dtype: torch.dtype | None = None):
         if fusion_fn not in FUSION_FNS:
             raise ValueError(f"unknown fusion function {fusion_fn!r}; choose one of: {', '.join(FUSION_FNS)}")
         self.model, self.adapter, self.fn = model, adapter, fusion_fn
@@ -308,6 +314,10 @@ class Fusion:
         # extra rounding before its 1/(1-p) scaling); 4-bit models compute their residual stream in fp32
         # (peft upcasts the norms and embeddings), so this halves the states of every batch and of the cache
         self.state_dtype = state_dtype
+        # the source pass (and the FLARE MT encoder) run under the autocast training runs in (--bf16 / --fp16):
+        # the Trainer's autocast wraps the model's forward only, so without this every step would pay a full fp32
+        # forward of the frozen model
+        self.autocast_dtype = autocast_dtype
         self._state: _State | None = None
         self._handles: list = []
 
@@ -391,12 +401,14 @@ class Fusion:
         answer_len = (batch["labels"] != -100).sum(-1) if "labels" in batch and batch["labels"].dim() == 2 else None
         if self.mt is not None:
             ids, src_mask = batch["mt_input_ids"], batch["mt_attention_mask"].to(tgt_mask.device)
-            states = list(self._cached(ids, src_mask, lambda: self._kept([self.mt.encode(ids, src_mask)])))
+            states = list(self._cached(ids, src_mask, lambda: self._kept([self._autocast(self.mt.encode, ids,
+                                                                                         src_mask)])))
             index, valid = align(src_mask, tgt_mask, self.padding_side, answer_len)
             sources = gather_positions(states.pop(0).to(tgt_mask.device), index, valid)
         else:
             src_mask = batch["src_attention_mask"].to(tgt_mask.device)
-            pending = list(self._cached(batch["src_input_ids"], src_mask, lambda: self._kept(self.capture(batch))))
+            pending = list(self._cached(batch["src_input_ids"], src_mask,
+                                        lambda: self._kept(self._autocast(self.capture, batch))))
             index, valid = align(src_mask, tgt_mask, self.padding_side, answer_len)
             # layer by layer, each captured state freed once gathered (unless the cache keeps it): the batch holds
             # one set of n_layers x (B, L, D) states, not the captured and the aligned set both
@@ -408,6 +420,14 @@ class Fusion:
             yield
         finally:
             self._state = None
+
+    def _autocast(self, fn, *args):
+        """``fn(*args)`` under ``autocast_dtype`` (when set) on the device of its first tensor argument."""
+        if self.autocast_dtype is None:
+            return fn(*args)
+        first = args[0] if isinstance(args[0], torch.Tensor) else args[0]["src_input_ids"]
+        with torch.autocast(device_type=first.device.type, dtype=self.autocast_dtype):
+            return fn(*args)
 
     def _kept(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """The states in ``state_dtype`` (the list emptied as it goes: no two copies of every layer at once)."""
