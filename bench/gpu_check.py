@@ -167,8 +167,10 @@ def stage1_part(check: Check, name: str, plm: Path, argv: list[str], out: Path, 
             expect(stage1.main(["--plm", str(plm), *argv, "--output_dir", str(out)]) == 0, "run_task_ft.py failed")
             res = results_of(next(out.iterdir()))
             rec.update({k: res.get(k) for k in ("train_steps", "epochs_trained", "precision", "world_size",
-                                                "train_runtime", "test_f1", "test_exact_match")})
-            expect(res["epochs_trained"] == 1, f"epochs_trained {res['epochs_trained']}, not 1")
+                                                "train_runtime", "test_f1", "test_exact_match", "n_train_features")})
+            # one epoch of whole batches: QA's stride makes the feature count no multiple of the batch
+            expect(1 - res["effective_batch_size"] / res["n_train_features"] < res["epochs_trained"] <= 1,
+                   f"epochs_trained {res['epochs_trained']}, not 1 epoch")
             if precision:
                 expect(res["precision"] == precision, f"precision {res['precision']}, not {precision}")
 

@@ -204,8 +204,9 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
             fusions[name] = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default",
                                    fusion_fn=fn, padding_side=spec.padding_side, causal=decoder,
                                    mt_encoder=mt if use_mt else None, cache_source_states=cache)
-    params = [q for q in model.parameters() if q.requires_grad]
-    params += [q for f in fusions.values() for q in f.modules.parameters()]
+    # every fusion registers its modules on the model (the last one's under flare_fusion): each parameter once
+    params = list({id(q): q for q in [*(q for q in model.parameters() if q.requires_grad),
+                                      *(q for f in fusions.values() for q in f.modules.parameters())]}.values())
     opt = torch.optim.AdamW(params, lr=1e-5)
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
     times = {c: [] for c in cells}

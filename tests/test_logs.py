@@ -65,3 +65,15 @@ def test_expected_library_notices_are_dropped_and_others_kept(caplog):
         warnings.warn("`is_gradient_checkpointing` is deprecated (v6).", FutureWarning, stacklevel=1)
         warnings.warn("a real deprecation", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["a real deprecation"]
+
+
+def test_a_4bit_model_with_gradient_checkpointing_loads_without_deprecation_warnings(tiny_models):
+    """Seen on the first GPU check: peft's prepare_model_for_kbit_training switched checkpointing on through
+    transformers' deprecated gradient_checkpointing_enable (a FutureWarning in every 4-bit run with
+    --gradient_checkpointing); the loader switches it on itself, non-reentrant, as for unquantised models."""
+    spec = resolve_model(str(tiny_models / "llama"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(spec, "nusax", quantize="4bit", device="cpu", bf16=False, gradient_checkpointing=True)
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+    assert model.is_activation_checkpointing

@@ -79,7 +79,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="decoders, classification: generate = greedy generation parsed by --parse (the original); "
                         "score = rank the label words by likelihood (one forward pass when each is one token)")
     p.add_argument("--resume_from_checkpoint", default=None,
-                   help="resume training from a checkpoint-* folder, or 'last' for the newest in the run dir")
+                   help="resume training from a checkpoint-* folder, or 'last' for the newest complete one in the run "
+                        "dir (one cut mid-save is skipped and moved aside)")
 
 
 def check_eval_mode(eval_mode: str, family: str, task: str) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
-from safetensors.torch import load_file
 from torch import nn
 
 from flare.config import MODEL_SPECS, TASKS, ModelSpec
@@ -96,13 +96,13 @@ def load_model(spec: ModelSpec, task: str, *, quantize: str, device: str, bf16: 
     report_loading(spec, kind, info)
     if quant is not None:
         keep_4bit_differentiable(model)
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        # peft's own checkpointing switch calls transformers' deprecated gradient_checkpointing_enable: ours below
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model.to(device)
-        if gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if quant is None:
             model.enable_input_require_grads()
     return model
 
@@ -197,12 +197,59 @@ def count_parameters(model) -> tuple[int, int]:
     return total, trainable
 
 
+TIED_METADATA = "flare_tied"  # safetensors metadata of an adapter file: {"stored key": ["key it stands for too"]}
+
+
+def tied_keys(model: PeftModel, adapter: str) -> dict[str, str]:
+    """{head key: embedding key} of a saved adapter state dict when ``adapter``'s trained input embedding and output
+    head are one matrix (Gemma's tie), else {}."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    copies_e, copies_h = (getattr(m, "modules_to_save", {}) for m in (embed, head))
+    if adapter not in copies_e or adapter not in copies_h or copies_e[adapter].weight is not copies_h[adapter].weight:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    return {f"{names[id(head)]}.weight": f"{names[id(embed)]}.weight"}
+
+
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
     """Adapter + head weights in safetensors (never the, possibly 4-bit, base model); of a stage-2 stack only the
-    new adapter (the frozen stage-1 adapter is the ``--load_ckpt`` run's)."""
+    new adapter (the frozen stage-1 adapter is the ``--load_ckpt`` run's). A tied embedding/head (Gemma) is stored
+    once (peft writes it twice: about 7 GB each at Gemma 2 9B in fp32), the other key named in the file's metadata;
+    :func:`load_checked` restores it. (Trainer checkpoints keep peft's own format: they are reloaded by peft, and
+    their optimizer state is larger still.)"""
+    from flare.files import atomic_write
     from flare.models.stack import NEW, is_stacked
 
-    model.save_pretrained(out_dir, safe_serialization=True, selected_adapters=[NEW] if is_stacked(model) else None)
+    stacked = is_stacked(model)
+    model.save_pretrained(out_dir, safe_serialization=True, selected_adapters=[NEW] if stacked else None)
+    tied = tied_keys(model, NEW if stacked else model.active_adapter)
+    path = Path(out_dir) / ADAPTER_FILE
+    if not tied or not path.is_file():
+        return
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k) for k in f.keys() if k not in tied}
+    stored: dict[str, list[str]] = {}
+    for head_key, embed_key in tied.items():
+        stored.setdefault(embed_key, []).append(head_key)
+    metadata[TIED_METADATA] = json.dumps(stored)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def load_adapter_state(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """An adapter file's tensors, a tied matrix stored once restored under every key it stands for; and the ties."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        tied = json.loads((f.metadata() or {}).get(TIED_METADATA, "{}"))
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for stored, others in tied.items():
+        for key in others:
+            state[key] = state[stored]
+    return state, tied
 
 
 def load_checked(base_model, ckpt_dir: str | Path, *, is_trainable: bool, adapter_name: str = "default") -> PeftModel:
@@ -212,11 +259,22 @@ def load_checked(base_model, ckpt_dir: str | Path, *, is_trainable: bool, adapte
     weights = ckpt_dir / ADAPTER_FILE
     if not weights.is_file():
         raise CheckpointError(f"{ckpt_dir}: no {ADAPTER_FILE}; pass a run directory written by run_task_ft.py")
+    saved, tied = load_adapter_state(weights)
     try:
-        model = PeftModel.from_pretrained(base_model, ckpt_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+        if not tied:
+            model = PeftModel.from_pretrained(base_model, ckpt_dir, adapter_name=adapter_name,
+                                              is_trainable=is_trainable)
+        else:  # peft reads the file itself and would miss the key stored once: the same steps, on the full state
+            from peft import PeftConfig, set_peft_model_state_dict
+
+            config = PeftConfig.from_pretrained(ckpt_dir)
+            config.inference_mode = not is_trainable
+            model = get_peft_model(base_model, config, adapter_name=adapter_name)
+            set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
+            if not is_trainable:
+                model.eval()
     except KeyError as e:  # peft's own message for a missing modules_to_save tensor is a bare key
         raise CheckpointError(f"{weights}: adapter/head weights missing from the checkpoint, e.g. {e}") from e
-    saved = load_file(str(weights))
     current = get_peft_model_state_dict(model, adapter_name=adapter_name)
     missing = sorted(set(current) - set(saved))
     if missing:
@@ -227,9 +285,6 @@ def load_checked(base_model, ckpt_dir: str | Path, *, is_trainable: bool, adapte
         raise CheckpointError(f"{weights}: {len(differ)} weights did not load into the model, e.g. {differ[:3]}")
     logger.info("loaded %d adapter/head tensors from %s (verified)", len(saved), weights)
     return model
-
-
-
 
 
 class MTEncoder:
