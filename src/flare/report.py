@@ -1,4 +1,5 @@
-"""Results tables, plots and significance from the run directories: ``python -m flare.report ROOT [--out DIR]``.
+"""Results tables, plots and significance from the run directories:
+``python -m flare.report ROOT [ROOT ...] [--out DIR] [--readme PAGE]``.
 
 Reads every ``results_zs.json`` / ``results_test.json`` of stage 2 under a folder and writes, per task and model,
 the table the paper shows: rows = modes (zero-shot, translate-test, translate-train LoRA, input-level fusion, FLARE
@@ -9,9 +10,11 @@ shown apart, as one value, not averaged as languages. Then:
 
 - significance: every FLARE / FLARE MT row minus translate-train LoRA and minus input-level fusion (or minus the rows
   a study's ``compare_with`` names, e.g. FLARE add_relu in an equal-budget ablation of the fusion functions): the mean
-  over (language, seed) pairs of the difference, a 95 % interval and p-value from a paired bootstrap over TEST ITEMS
-  (one draw of items shared by every language and seed, fixed seed), and Holm's correction over the table's
-  comparisons;
+  over (language, seed) pairs of the difference and its mean per seed; a 95 % interval and p-value from a paired
+  bootstrap that, with at least 3 seeds, draws the training SEEDS with replacement and then the TEST ITEMS (one draw
+  of items shared by every language and seed, fixed seed), so that it covers a re-run of training; the items-only
+  interval (these trained models) beside it; and Holm's correction over every comparison of the page (the roots given
+  together), not per table;
 - cost: trainable parameters, epochs and the measured training / test times per mode (median [min–max]), and the
   training time per epoch;
 - for a study folder (``study.json``, see ``scripts/embedded_nusax_study.py``): the training budget chosen on
@@ -142,8 +145,8 @@ def build_tables(results: list[dict], study: dict | None = None) -> dict:
                  and same_input_for_every_language(g["runs"], r, sorted(g["langs"]), sorted(g["seeds"]))]
         baselines = tuple((m, fn) for m, fn in study["compare_with"]) if declared and study.get("compare_with") \
             else BASELINES
-        tables[(task, plm)] = dict(rows=rows, langs=langs, runs=g["runs"], seeds=sorted(g["seeds"]), missing=missing,
-                                   apart=apart, baselines=baselines)
+        tables[(task, plm)] = dict(task=task, plm=plm, rows=rows, langs=langs, runs=g["runs"],
+                                   seeds=sorted(g["seeds"]), missing=missing, apart=apart, baselines=baselines)
     return tables
 
 
@@ -219,31 +222,58 @@ def metric_from_sums(metric: str, sums: np.ndarray, n: int) -> np.ndarray:
     return f1.mean(axis=-1)
 
 
+MIN_SEEDS = 3  # from this many seeds on, intervals and p-values resample seeds as well as items
+
+
+def p_floor(n_boot: int = N_BOOTSTRAP) -> float:
+    """The smallest p-value a two-sided bootstrap with ``n_boot`` replicates can give (no replicate beyond 0)."""
+    return 2 / (n_boot + 1)
+
+
 def item_bootstrap(task: str, metric: str, pairs: list[tuple[list[dict], list[dict]]], n_boot: int = N_BOOTSTRAP,
-                   seed: int = 0) -> dict:
-    """Paired bootstrap over test items of mean(row - baseline) over ``pairs`` ((row records, baseline records) per
-    language and seed). Items are matched by id across all runs; one draw of items per replicate, shared by every
-    run. Returns the observed mean difference, the 95 % percentile interval and the two-sided bootstrap p-value."""
+                   seed: int = 0, groups: list | None = None) -> dict:
+    """Paired bootstrap of mean(row - baseline) over ``pairs`` ((row records, baseline records) per language and
+    seed). Items are matched by id across all runs; one draw of items per replicate, shared by every run: the
+    observed mean difference, and the 95 % percentile interval and two-sided p-value of these trained models
+    (``ci``, ``p``: items resampled).
+
+    ``groups`` (the training seed of each pair): with at least :data:`MIN_SEEDS` distinct seeds, a two-level
+    bootstrap as well (``ci_seeds``, ``p_seeds``): each replicate draws the seeds with replacement (a seed drawn
+    twice counts its pairs twice), then applies the replicate's shared item draw, so the interval covers a re-run of
+    training as well as another sample of sentences; a difference that changes sign between seeds is not significant
+    however many sentences agree."""
     ids = sorted(set.intersection(*({str(r["id"]) for r in recs} for pair in pairs for recs in pair)))
     if not ids:
         raise ValueError("the runs of a comparison share no test item ids")
     n = len(ids)
     weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
-    observed, replicates = [], np.zeros(n_boot)
-    for row_recs, base_recs in pairs:
+    observed, per_pair = [], np.zeros((len(pairs), n_boot))
+    for i, (row_recs, base_recs) in enumerate(pairs):
         diff_obs, diff_boot = 0.0, 0.0
         for sign, recs in ((1.0, row_recs), (-1.0, base_recs)):
             stats = item_statistics(task, metric, recs, ids)
             diff_obs = diff_obs + sign * float(metric_from_sums(metric, stats.sum(axis=0), n))
             diff_boot = diff_boot + sign * metric_from_sums(metric, weights @ stats, n)
         observed.append(diff_obs)
-        replicates += diff_boot
-    replicates /= len(pairs)
+        per_pair[i] = diff_boot
+    out = dict(mean=float(np.mean(observed)), items=n, **_interval(per_pair.mean(axis=0), n_boot))
+    seeds = sorted(set(groups)) if groups is not None else []
+    out["seeds"] = len(seeds)
+    if len(seeds) >= MIN_SEEDS:
+        k = len(seeds)
+        draws = np.random.default_rng(seed + 1).multinomial(k, np.full(k, 1.0 / k), size=n_boot)  # (n_boot, k)
+        counts = draws[:, [seeds.index(g) for g in groups]].T.astype(float)  # (pairs, n_boot): each pair's weight
+        replicates = (counts * per_pair).sum(axis=0) / counts.sum(axis=0)
+        both = _interval(replicates, n_boot)
+        out.update(ci_seeds=both["ci"], p_seeds=both["p"])
+    return out
+
+
+def _interval(replicates: np.ndarray, n_boot: int) -> dict:
     lo, hi = np.percentile(replicates, [2.5, 97.5])
     # two-sided: twice the smaller tail of the replicates beyond 0 (with the +1 of a proper Monte-Carlo p-value)
     tail = min(int((replicates <= 0).sum()), int((replicates >= 0).sum()))
-    p = min(1.0, 2 * (tail + 1) / (n_boot + 1))
-    return dict(mean=float(np.mean(observed)), ci=(float(lo), float(hi)), p=p, items=n)
+    return dict(ci=(float(lo), float(hi)), p=min(1.0, 2 * (tail + 1) / (n_boot + 1)))
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -295,36 +325,79 @@ def _significance(table: dict, metric: str, task: str) -> list[dict]:
                 logger.warning("%s - %s: predictions missing, no item bootstrap", row_label(r), row_label(base))
                 continue
             diffs = [d for _, _, d in triples]
-            boot = item_bootstrap(task, metric, recs)
+            boot = item_bootstrap(task, metric, recs, groups=[seed for _, seed, _ in triples])
             wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            out.append(dict(row=r, baseline=base, n=len(diffs), mean=float(np.mean(diffs)), ci=boot["ci"],
-                            p=boot["p"], items=boot["items"], wins=wins, losses=losses,
-                            ties=len(diffs) - wins - losses))
+            by_seed = defaultdict(list)
+            for _, seed, d in triples:
+                by_seed[seed].append(d)
+            with_seeds = "p_seeds" in boot
+            out.append(dict(row=r, baseline=base, n=len(diffs), mean=float(np.mean(diffs)), items=boot["items"],
+                            seeds=boot["seeds"], ci_items=boot["ci"], p_items=boot["p"],
+                            ci_seeds=boot.get("ci_seeds"), p_seeds=boot.get("p_seeds"),
+                            # what the judgement uses: seeds and items resampled when there are enough seeds
+                            resampled="seeds and items" if with_seeds else "items",
+                            ci=boot["ci_seeds"] if with_seeds else boot["ci"],
+                            p=boot["p_seeds"] if with_seeds else boot["p"],
+                            per_seed={seed: float(np.mean(v)) for seed, v in sorted(by_seed.items())},
+                            wins=wins, losses=losses, ties=len(diffs) - wins - losses))
     for s, adjusted in zip(out, holm([s["p"] for s in out])):
-        s["p_holm"] = adjusted
+        s["p_holm"], s["holm_family"] = adjusted, len(out)
     return out
+
+
+def page_holm(tables: list[dict], metric_of=lambda task: METRIC[task]) -> int:
+    """Holm's correction over EVERY comparison of the given tables (a page of several studies, each table's paper
+    metric), replacing each table's own; returns the number of comparisons corrected for."""
+    rows = [s for table in tables for s in significance(table, metric_of(table["task"]), table["task"])]
+    for s, adjusted in zip(rows, holm([s["p"] for s in rows])):
+        s["p_holm"], s["holm_family"] = adjusted, len(rows)
+    return len(rows)
 
 
 def verdict(s: dict, alpha: float = 0.05) -> str:
     if s["p_holm"] >= alpha:
-        return "not distinguishable"
+        return "no evidence of a difference"
     return "better" if s["mean"] > 0 else "worse"
+
+
+def fmt_p(p: float, floor: float | None = None) -> str:
+    """A p-value as the bootstrap resolves it: at the floor (no replicate beyond 0) it is "< floor"."""
+    floor = p_floor() if floor is None else floor
+    return f"< {floor:.1g}" if p <= floor * (1 + 1e-9) else f"{p:.2g}"
+
+
+def fmt_holm(s: dict) -> str:
+    """Holm's p; when the raw p is at the bootstrap's floor, Holm's is a bound too."""
+    at_floor = s["p"] <= p_floor() * (1 + 1e-9)
+    return f"< {s['p_holm']:.2g}" if at_floor and s["p_holm"] < 1 else f"{s['p_holm']:.2g}"
 
 
 def significance_markdown(task: str, table: dict) -> list[str]:
     rows = significance(table, METRIC[task], task)
     if not rows:
         return []
+    seeds = max(s["seeds"] for s in rows)
+    family = rows[0].get("holm_family", len(rows))
+    items = rows[0]["items"]
+    how = (f"{N_BOOTSTRAP} two-level bootstrap resamples: the {seeds} training seeds drawn with replacement, then "
+           f"the {items} TEST ITEMS, one draw shared by every language and seed" if seeds >= MIN_SEEDS else
+           f"{N_BOOTSTRAP} bootstrap resamples of the {items} TEST ITEMS, one draw shared by every language and seed "
+           f"(fewer than {MIN_SEEDS} seeds: the seed-to-seed variation is NOT in the interval)")
     lines = ["", f"Paired differences (row − baseline, {METRIC_NAME[task]} ×100, averaged over the (language, seed) "
-                 f"pairs both rows ran; {N_BOOTSTRAP} bootstrap resamples of the {rows[0]['items']} TEST ITEMS, one "
-                 "draw shared by every language and seed; Holm's correction over the table's comparisons; judged at "
-                 "Holm p < 0.05):", "",
-             "| comparison | pairs | mean difference | 95 % CI (items resampled) | better / worse / tied pairs | "
-             "p | Holm p | judged |", "|---|---|---|---|---|---|---|---|"]
+                 f"pairs both rows ran; {how}; p two-sided; Holm's correction over the {family} comparisons of the "
+                 "page; the intervals are not corrected; judged at Holm p < 0.05). The items-only interval is that of "
+                 "these trained models: it leaves out a re-run of training. Per seed: the mean difference over the "
+                 "languages of each seed, in seed order.", "",
+             "| comparison | pairs | mean difference | per seed | 95 % CI (seeds and items) | 95 % CI (items only: "
+             "these trained models) | better / worse / tied pairs | p | Holm p | judged |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in rows:
+        both = (f"[{100 * s['ci_seeds'][0]:+.2f}, {100 * s['ci_seeds'][1]:+.2f}]" if s["ci_seeds"] is not None
+                else "–")
+        per_seed = " / ".join(f"{100 * v:+.2f}" for v in s["per_seed"].values())
         lines.append(f"| {row_label(s['row'])} − {row_label(s['baseline'])} | {s['n']} | {100 * s['mean']:+.2f} | "
-                     f"[{100 * s['ci'][0]:+.2f}, {100 * s['ci'][1]:+.2f}] | {s['wins']} / {s['losses']} / "
-                     f"{s['ties']} | {s['p']:.2g} | {s['p_holm']:.2g} | {verdict(s)} |")
+                     f"{per_seed} | {both} | [{100 * s['ci_items'][0]:+.2f}, {100 * s['ci_items'][1]:+.2f}] | "
+                     f"{s['wins']} / {s['losses']} / {s['ties']} | {fmt_p(s['p'])} | {fmt_holm(s)} | {verdict(s)} |")
     return lines
 
 
@@ -493,9 +566,26 @@ def _plot_to(task: str, plm: str, table: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-README_BEGIN = ("<!-- flare.report {root}: generated by `python -m flare.report {root} --readme {page}`; edit the "
-                "results, not this block -->")
+README_BEGIN = "<!-- flare.report {root}: generated by `{command}`; edit the results, not this block -->"
 README_END = "<!-- /flare.report {root} -->"
+
+
+def page_command(roots: list[str], page: str) -> str:
+    return f"python -m flare.report {' '.join(roots)} --readme {page}"
+
+
+def load_page(roots: list[str]) -> list[tuple[str, dict | None, dict]]:
+    """(root, study, tables) of each results folder of one page, with Holm's correction over every comparison of
+    the page (:func:`page_holm`). A folder without stage-2 results raises ValueError."""
+    page = []
+    for root in roots:
+        study = load_study(Path(root))
+        tables = build_tables(load_results(Path(root)), study)
+        if not tables:
+            raise ValueError(f"no stage-2 results_*.json under {root}; run run.py (or python -m flare.sweep) first")
+        page.append((root, study, tables))
+    page_holm([table for _, _, tables in page for _, table in sorted(tables.items())])
+    return page
 
 
 def readme_block(tables: dict, study: dict | None, root: str, out: Path, page: Path | None = None) -> str:
@@ -510,15 +600,16 @@ def readme_block(tables: dict, study: dict | None, root: str, out: Path, page: P
     return "\n".join(parts)
 
 
-def update_readme(readme: Path, root: str, block: str) -> bool:
-    """Replace the marked block of ``root`` in ``readme`` (its marker names the file as given); False if the
-    markers are missing."""
+def update_readme(readme: Path, root: str, block: str, command: str | None = None) -> bool:
+    """Replace the marked block of ``root`` in ``readme`` (its begin marker found by the root; its command line
+    rewritten to ``command``, default: this root alone); False if the markers are missing."""
     text = readme.read_text(encoding="utf-8")
-    begin, end = README_BEGIN.format(root=root, page=readme.as_posix()), README_END.format(root=root)
-    if begin not in text or end not in text:
+    prefix, end = f"<!-- flare.report {root}: ", README_END.format(root=root)
+    if prefix not in text or end not in text:
         return False
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
+    begin = README_BEGIN.format(root=root, command=command or page_command([root], readme.as_posix()))
+    head, rest = text.split(prefix, 1)
+    _, tail = rest.split("\n", 1)[1].split(end, 1)
     new = f"{head}{begin}\n{block}{end}{tail}"
     if new != text:
         from flare.files import atomic_write
@@ -530,35 +621,52 @@ def update_readme(readme: Path, root: str, block: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Tables (markdown, CSV) and bar plots of every stage-2 result under a "
                                             "folder, one per task and model; lists the runs missing for a full grid.")
-    p.add_argument("root", help="folder with run directories (e.g. checkpoints/)")
-    p.add_argument("--out", default=None, help="where to write the report (default ROOT/report)")
+    p.add_argument("roots", nargs="+", metavar="root",
+                   help="folder with run directories (e.g. checkpoints/); several folders make one page (e.g. the "
+                        "study's conditions): Holm's correction then runs over every comparison of all of them")
+    p.add_argument("--out", default=None, help="where to write the report (default ROOT/report; one root only)")
     p.add_argument("--readme", default=None,
                    help="also replace the block between the markers '<!-- flare.report ROOT ... -->' and "
-                        "'<!-- /flare.report ROOT -->' in this markdown file (e.g. docs/study.md) with the tables")
+                        "'<!-- /flare.report ROOT -->' in this markdown file (e.g. docs/study.md) with the tables, "
+                        "for each root")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = Path(args.root)
-    if not root.is_dir():
-        print(f"error: {root} is not a folder; pass the --output_dir of run.py (e.g. checkpoints/)", file=sys.stderr)
-        return 2
-    study = load_study(root)
-    tables = build_tables(load_results(root), study)
-    if not tables:
-        print(f"error: no stage-2 results_*.json under {root}; run run.py (or python -m flare.sweep) first",
-              file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else root / "report"
-    written = write_report(tables, out, study)
-    if args.readme:
-        block = readme_block(tables, study, args.root, out, page=Path(args.readme))
-        if not update_readme(Path(args.readme), args.root, block):
-            print(f"error: {args.readme} has no block for {args.root}; add the two lines\n"
-                  f"{README_BEGIN.format(root=args.root, page=args.readme)}\n{README_END.format(root=args.root)}",
+    for root in args.roots:
+        if not Path(root).is_dir():
+            print(f"error: {root} is not a folder; pass the --output_dir of run.py (e.g. checkpoints/)",
                   file=sys.stderr)
             return 2
+    if args.out and len(args.roots) > 1:
+        print("error: --out names one folder; with several roots each report goes to ROOT/report (drop --out)",
+              file=sys.stderr)
+        return 2
+    try:
+        page = load_page(args.roots)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    written = []
+    if args.readme:
+        command = page_command(args.roots, args.readme)
+        missing = [root for root in args.roots
+                   if f"<!-- flare.report {root}: " not in Path(args.readme).read_text(encoding="utf-8")]
+        if missing:
+            print(f"error: {args.readme} has no block for {missing[0]}; add the two lines\n"
+                  f"{README_BEGIN.format(root=missing[0], command=command)}\n{README_END.format(root=missing[0])}",
+                  file=sys.stderr)
+            return 2
+    for root, study, tables in page:
+        out = Path(args.out) if args.out else Path(root) / "report"
+        written += write_report(tables, out, study)
+        if args.readme:
+            block = readme_block(tables, study, root, out, page=Path(args.readme))
+            if not update_readme(Path(args.readme), root, block, command):
+                print(f"error: {args.readme} has no block for {root}", file=sys.stderr)
+                return 2
+        for (task, plm), table in sorted(tables.items()):
+            print(markdown(task, plm, table, study))
+    if args.readme:
         written.append(Path(args.readme))
-    for (task, plm), table in sorted(tables.items()):
-        print(markdown(task, plm, table, study))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
