@@ -599,3 +599,64 @@ def test_gemma_tied_embedding_is_trained_as_one_matrix_in_stage2(world, tmp_path
     restored, ties = load_adapter_state(path)  # the head key comes back from the file's metadata
     assert ties == {tied[0]: [tied[0].replace("model.embed_tokens", "lm_head")]}
     assert restored[ties[tied[0]][0]] is restored[tied[0]]
+
+
+def test_validation_set_target_selects_on_what_the_test_set_looks_like(world, tmp_path):
+    """--validation_set target (issue 29, item 5): under a real MT the fusion modes used to select their checkpoint
+    on the GOLD English validation set (paired with the MT of it into the target language), while at test time they
+    read the MT English of the real target text. With the flag, validation is paired as the test set is: the human
+    target-language validation set and its MT into English; LoRA validates on the human target text alone. The
+    default keeps the original's translated validation set; the run name says which (-valtarget)."""
+    from flare.data import load_task
+    from flare.data.layout import split_file
+
+    tr = tmp_path / "tr"
+    for src, tgt, splits in (("en", "jav", None), ("jav", "en", ("validation", "test"))):
+        run_job(TranslateJob("nusax", src, tgt, "lexical", output_dir=tr, data_dir=str(DATA), splits=splits))
+
+    def loaded(*flags):
+        argv = ["--task", "nusax", "--plm", str(world["models"] / "xlm-roberta"), "--target_lang", "jav",
+                "--output_dir", str(tmp_path / "out"), "--load_ckpt", str(world["ck"] / "nusax-en-xlm-roberta-3"),
+                *FAST, "--adapter", "lora", "--translate-train", "--path_mt",
+                str(tr / "nusax" / "translate-jav-lexical"), *flags]
+        cfg = stage2.resolve_config(stage2.build_parser().parse_args(argv))
+        return cfg, stage2.load_data(cfg).validation
+
+    human = load_task("nusax", "jav", "validation", str(DATA))
+    gold_en = load_task("nusax", "en", "validation", str(DATA))
+    mt_en = pd.read_parquet(tr / "nusax" / "translate-en-lexical" / split_file("validation", "jav", "en"))
+    cfg, val = loaded("--fusion_fn", "add_relu", "--validation_set", "target")
+    n = len(val)
+    assert cfg.run_name.endswith("-ttrain-valtarget") and n == 8
+    assert val["text"] == human["text"][:n] and val["label"] == human["label"][:n]
+    assert val["src_text"] == list(mt_en["text_translated"])[:n] != gold_en["text"][:n]
+    cfg, val = loaded("--fusion_fn", "add_relu")  # the original's: gold English, MT target text
+    assert not cfg.run_name.endswith("-valtarget")
+    assert val["src_text"] == gold_en["text"][:n] and val["text"] != human["text"][:n]
+    _, val = loaded("--validation_set", "target")  # translate-train LoRA: the target text alone, as at test time
+    assert val["text"] == human["text"][:n] and "src_text" not in val.column_names
+    # end to end, and the sweep translates the backward validation split when asked
+    assert run2(world, "xlm-roberta", "nusax", "--adapter", "lora", "--translate-train", "--path_mt",
+                str(tr / "nusax" / "translate-jav-lexical"), "--fusion_fn", "add_relu", "--validation_set", "target",
+                out=tmp_path / "ck") == 0
+    (res,) = [json.loads(p.read_text()) for p in (tmp_path / "ck").glob("*-valtarget/results_test.json")]
+    assert res["validation_set"] == "target" and res["fusion_calls_train"] > 0
+    from flare import sweep
+
+    plan = sweep.plan(sweep.build_parser().parse_args(
+        ["--task", "nusax", "--plm", "xlmr", "--langs", "jav", "--modes", "flare", "--mt", "lexical",
+         "--stage2_args", "--validation_set target"]))
+    backward = next(j for j in plan if j.name == "translate nusax jav->en")
+    assert backward.argv[backward.argv.index("--splits") + 1:][:2] == ["validation", "test"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval_zs", "--eval_only", "--validation_set", "target"], "trains none"),
+])
+def test_validation_set_target_needs_a_training_mode(world, tmp_path, capsys, argv, message):
+    assert run2(world, "xlm-roberta", "nusax", *argv, out=tmp_path) == 2
+    assert message in capsys.readouterr().err
+    assert run2(world, "xlm-roberta", "tydiqa", "--validation_set", "target", *train_flags(world, "tydiqa", "sw",
+                                                                                          "identity"),
+                out=tmp_path) == 2
+    assert "TyDiQA has no target-language validation set" in capsys.readouterr().err

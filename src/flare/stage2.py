@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path_mt", default=None,
                    help="translation folder of run_translate.py, translations/{task}/translate-{tgt}-{mt} (or "
                         "translate-{src}-{mt}; the other direction is found beside it)")
+    p.add_argument("--validation_set", default="translated", choices=["translated", "target"],
+                   help="the validation set that selects the checkpoint. translated (the original): the English "
+                        "validation set translated into the target language, the fusion modes reading its gold "
+                        "English; target: the target-language validation set paired as the test set is (the fusion "
+                        "modes read its MT translation into English), so selection sees the MT it is tested with "
+                        "(needs the validation split of the backward translation: run_translate.py --splits "
+                        "validation test; not for TyDiQA, which has no target-language validation set)")
     p.add_argument("--train_split", default="train", choices=["train", "validation"],
                    help="translated split to train on; 'validation' for local XNLI (data/ has no XNLI train set)")
     p.add_argument("--fusion_fn", default=None, choices=FUSION_FNS,
@@ -148,6 +155,7 @@ class Stage2Config(RunConfig):
     cross_attention_heads: int
     cache_source_states: bool
     cache_source_mb: float
+    validation_set: str
 
     NOT_RECORDED: ClassVar[tuple[str, ...]] = (*RunConfig.NOT_RECORDED, "mt_spec")
 
@@ -205,6 +213,8 @@ def run_name(args: argparse.Namespace, src: str, tgt: str, plm_name: str) -> str
                          ("input_fusion", "-inputfusion")):
         if getattr(args, flag):
             name += suffix
+    if getattr(args, "validation_set", "translated") == "target":
+        name += "-valtarget"
     return name
 
 
@@ -245,6 +255,11 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         raise UsageError(f"--eval_only with mode {mode}: there is no trained stage-2 adapter to evaluate; drop "
                          "--eval_only")
     path_mt = Path(args.path_mt) if args.path_mt else None
+    if args.validation_set == "target" and not trains:
+        raise UsageError(f"--validation_set target selects a trained checkpoint; {mode} trains none: drop it")
+    if args.validation_set == "target" and args.task == "tydiqa":
+        raise UsageError("--validation_set target: TyDiQA has no target-language validation set (its validation is "
+                         "every 10th translated training row); drop the flag")
     if mode == "translate-test" and path_mt is None:
         raise UsageError(f"--translate-test needs --path_mt translations/{args.task}/translate-{src}-<mt> (made by "
                          f"run_translate.py --task {args.task} --source_lang {tgt} --target_lang {src})")
@@ -300,7 +315,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         run_dir=Path(args.output_dir) / name, load_ckpt=load_ckpt, prefix="zs" if mode == "zero-shot" else "test",
         stage1_merge=args.stage1_merge, cross_attention_heads=args.cross_attention_heads,
         cache_source_states=args.cache_source_states, cache_source_mb=args.cache_source_mb,
-        opts=TrainingOptions.from_args(args), args=vars(args).copy(),
+        validation_set=args.validation_set, opts=TrainingOptions.from_args(args), args=vars(args).copy(),
     )
 
 
@@ -357,8 +372,16 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
     else:
         if train_split == "validation":
             logger.warning("--train_split validation: training AND validating on the translated validation set")
-        val_df = read_translation(dirs.forward, task, "validation", src, tgt, dirs.mt_name, need_source=with_source)
-        train_ds, val_ds = train.dataset, paired_train(task, val_df, with_source=with_source).dataset
+        if cfg.validation_set == "target":  # paired as the test set: the real target text (+ its MT English)
+            val_ds = load_task(task, tgt, "validation", o.data_dir)
+            if with_source:
+                val_mt = read_translation(dirs.backward, task, "validation", tgt, src, dirs.mt_name)
+                val_ds = paired_test(task, val_ds, val_mt, str(dirs.backward)).dataset
+        else:  # the English validation set translated (the original); the fusion modes read the gold English
+            val_df = read_translation(dirs.forward, task, "validation", src, tgt, dirs.mt_name,
+                                      need_source=with_source)
+            val_ds = paired_train(task, val_df, with_source=with_source).dataset
+        train_ds = train.dataset
     if with_source:
         df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
         test = paired_test(task, target_test, df, str(dirs.backward)).dataset

@@ -195,9 +195,14 @@ def plan(args: argparse.Namespace) -> list[Job]:
     translations: dict[str, tuple[str, ...]] = {}  # language -> its translation jobs
     needs_mt = any(m != "zero-shot" for m in args.modes)
     redo = "--overwrite" in shlex.split(args.translate_args)
+    # run.py --validation_set target: the fusion modes read the MT English of the target validation set too
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flags.add_argument("--validation_set", default="translated")
+    target_validation = flags.parse_known_args(shlex.split(args.stage2_args))[0].validation_set == "target"
+    backward = ("validation", "test") if target_validation else ("test",)
     if needs_mt:
         for lang in args.langs:
-            for src, tgt, splits in ((args.source_lang, lang, ()), (lang, args.source_lang, ("test",))):
+            for src, tgt, splits in ((args.source_lang, lang, ()), (lang, args.source_lang, backward)):
                 name = f"translate {args.task} {src}->{tgt}"
                 translations[lang] = (*translations.get(lang, ()), name)
                 done = () if redo else tuple(translation_files(tr, args.task, src, tgt, args.mt, splits))
