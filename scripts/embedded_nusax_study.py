@@ -24,8 +24,11 @@ Two conditions (``--mt``), each in its own results folder:
   Model 1 trained on the 500 training pairs of each language; test chrF about 28 against the human translation), a
   lower bound. The training budgets are the oracle condition's (not chosen again); the grid is zero-shot (the same
   as the oracle's), translate-test, translate-train LoRA, input-level fusion and FLARE with ``--fns`` (default
-  add_relu and mul). Validation and checkpoint selection read the lexical translation of the validation set, as
-  the original code selected on machine-translated validation data.
+  add_relu and mul). Validation and checkpoint selection read the lexical translation of the English validation
+  set into the target language, as the original code selected on machine-translated validation data; the fusion
+  modes read the GOLD English beside it. ``--validation_set target`` (training rows only, into
+  ``results/embedded-nusax-lexical-valtarget``) selects instead on the target-language validation set paired as the
+  test set is: the fusion modes read its lexical English, as they do at test time.
 
 ``--equal_budget E`` is the ablation of the fusion functions without the budget confound: FLARE with every function
 of ``--fns`` (default all four) trained for E epochs in every language and seed (runs already trained for E epochs
@@ -81,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equal_budget", type=int, metavar="EPOCHS", default=None,
                    help="ablation: FLARE with every function of --fns (default all four) trained for EPOCHS epochs, "
                         "compared with add_relu (results default results/embedded-nusax[-MT]-equal-budget)")
+    p.add_argument("--validation_set", choices=("translated", "target"), default="translated",
+                   help="run.py --validation_set of the training rows: target = select each checkpoint on the "
+                        "target-language validation set paired as the test set is (the fusion modes read its MT "
+                        "English); only the training rows run (results default: the condition's folder + "
+                        "-valtarget); not with --mt reference, where both are the same data")
     p.add_argument("--budgets_from", default="results/embedded-nusax",
                    help="lexical: the oracle study whose chosen budgets are kept (its study.json)")
     p.add_argument("--select_lang", default="ind", help="language whose VALIDATION data picks the budget")
@@ -110,9 +118,10 @@ def sweep_argv(args, *, langs, seeds, modes, fns, output_dir: Path, stage2: str)
             "--in_process"]
 
 
-def budget_args(mode: str, epochs: int) -> str:
+def budget_args(mode: str, epochs: int, validation_set: str = "translated") -> str:
     cache = " --cache_source_states" if mode == "flare" else ""
-    return f"{STAGE2_ARGS} --epochs {epochs} --num_evals {epochs}{cache}"
+    target = " --validation_set target" if validation_set == "target" else ""
+    return f"{STAGE2_ARGS} --epochs {epochs} --num_evals {epochs}{cache}{target}"
 
 
 def run_sweep(argv: list[str]) -> bool:
@@ -125,6 +134,8 @@ def select_dir(args, epochs: int) -> Path:
 
 def grid_dir(args, epochs: int | None) -> Path:
     grid = "grid" if args.mt == "reference" else f"grid-{args.mt}"
+    if getattr(args, "validation_set", "translated") == "target":
+        grid += "-valtarget"
     return Path(args.work_dir) / grid / (f"epochs-{epochs}" if epochs else "eval-only")
 
 
@@ -197,13 +208,14 @@ def choose_budgets(args) -> dict:
 def run_grid(args, choice: dict) -> bool:
     ok = True
     for seed in args.seeds:  # seed by seed: an interruption leaves complete seeds
-        if not args.equal_budget:
+        if not args.equal_budget and args.validation_set != "target":  # (evaluation-only rows select nothing)
             ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=["zero-shot", "translate-test"],
                                        fns=None, output_dir=grid_dir(args, None), stage2=STAGE2_ARGS))
         for mode, fn in training_rows(args):
             epochs = choice[row_name(mode, fn)]["epochs"]
             ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=[mode], fns=[fn] if fn else None,
-                                       output_dir=grid_dir(args, epochs), stage2=budget_args(mode, epochs)))
+                                       output_dir=grid_dir(args, epochs),
+                                       stage2=budget_args(mode, epochs, args.validation_set)))
     return ok
 
 
@@ -224,7 +236,7 @@ def collect(args, choice: dict) -> None:
     # study's, nor is a row it does not have
     folder = {(RESULT_MODE.get(m, m), fn): f"epochs-{choice[row_name(m, fn)]['epochs']}" for m, fn in
               training_rows(args)}
-    if not args.equal_budget:
+    if not args.equal_budget and args.validation_set != "target":
         folder.update({("zero-shot", None): "eval-only", ("translate-test", None): "eval-only"})
     for sub, dest in subs:
         for res in sorted((work / sub).rglob("results_*.json")):
@@ -260,9 +272,11 @@ def collect(args, choice: dict) -> None:
         "model": args.plm, "task": "nusax", "languages": args.langs, "seeds": args.seeds, "translations": args.mt,
         "stage1_args": STAGE1_ARGS, "stage2_args": STAGE2_ARGS + " --epochs E --num_evals E (FLARE: "
                                                                  "--cache_source_states)",
+        "validation_set": args.validation_set,
         "selection": selection, **extra, "command": " ".join(
             ["python scripts/embedded_nusax_study.py", *([f"--mt {args.mt}"] if args.mt != "reference" else []),
-             *([f"--equal_budget {args.equal_budget}"] if args.equal_budget else [])]),
+             *([f"--equal_budget {args.equal_budget}"] if args.equal_budget else []),
+             *(["--validation_set target"] if args.validation_set == "target" else [])]),
     })
 
 
@@ -301,9 +315,14 @@ def reproduce(args, run_name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.validation_set == "target" and args.mt == "reference":
+        print("error: --validation_set target with --mt reference: the human English of the validation set is its "
+              "reference translation, the same data; use it with --mt lexical", file=sys.stderr)
+        return 2
     if args.results is None:
         args.results = ("results/embedded-nusax" + ("" if args.mt == "reference" else f"-{args.mt}")
-                        + ("-equal-budget" if args.equal_budget else ""))
+                        + ("-equal-budget" if args.equal_budget else "")
+                        + ("-valtarget" if args.validation_set == "target" else ""))
     from flare.common_args import setup_logging
 
     setup_logging()

@@ -81,3 +81,25 @@ def test_equal_budget_trains_every_function_for_the_same_epochs_and_collects_onl
     runs = tmp_path / "oracle" / "runs"
     assert sorted(str(p.relative_to(runs)) for p in runs.glob("*/*")) == [
         "epochs-1/nusax-en-jav-me5-small-1-flare-add", "epochs-3/nusax-en-jav-me5-small-1-flare-add_relu"]
+
+
+def test_validation_set_target_runs_the_training_rows_with_the_flag_into_their_own_folder(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """`--mt lexical --validation_set target`: the training rows (LoRA, input fusion, FLARE add_relu and mul) at the
+    oracle's budgets with run.py's --validation_set target, in their own grid and results folders; no
+    evaluation-only rows (they select nothing); refused under --mt reference (the same data)."""
+    study = load_study_script()
+    work, calls, collected = tmp_path / "work", [], []
+    monkeypatch.setattr(study, "run_sweep", lambda argv: calls.append(argv) or True)
+    monkeypatch.setattr(study, "collect", lambda args, choice: collected.append(args.results))
+    monkeypatch.setattr("flare.report.main", lambda argv: 0)
+    assert study.main(["--mt", "lexical", "--validation_set", "target", "--seeds", "1", "--work_dir", str(work),
+                       "--budgets_from", str(REPO / "results" / "embedded-nusax")]) == 0
+    assert collected == ["results/embedded-nusax-lexical-valtarget"]
+    modes = sorted((argv[argv.index("--modes") + 1], argv[argv.index("--fusion_fns") + 1]) for argv in calls)
+    assert modes == [("flare", "add_relu"), ("flare", "mul"), ("input-fusion", "add_relu"), ("lora", "add_relu")]
+    for argv in calls:
+        assert argv[argv.index("--stage2_args") + 1].endswith("--validation_set target")
+        assert Path(argv[argv.index("--output_dir") + 1]).parent == work / "grid-lexical-valtarget"
+    assert study.main(["--validation_set", "target", "--work_dir", str(work)]) == 2
+    assert "use it with --mt lexical" in capsys.readouterr().err
