@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nllb-600m, nllb-3.3b, a local NLLB/M2M100 directory, 'reference' (the human "
                         "translations of the parallel NusaX / XNLI corpus: oracle MT, offline) or 'lexical' (a "
                         "word-level statistical MT, IBM Model 1, trained on the parallel TRAINING split only: weak "
-                        "real MT, offline; see flare.lexical_mt)")
+                        "real MT, offline; see flare.lexical_mt) or 'lexical-qNN' (an MT quality level between "
+                        "the two: NN %% of the rows, chosen by a seeded hash of the row id, lexical, the rest "
+                        "human; NN 1-99)")
     p.add_argument("--max_length", type=int, default=256,
                    help="max tokens of an input (longer ones are truncated and counted) and of an output "
                         "(the original's default was 128; its run_translate.sh used 256, and 768 for TyDiQA)")
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from flare.common_args import UsageError, fail, resolve_device
     from flare.errors import FlareError
     from flare.languages import check_task_language, resolve
+    from flare.lexical_mt import is_offline_mt
     from flare.stages import check_output_dir
 
     if (args.path_train or args.path_test) and args.task != "tydiqa":
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("max_length", "batch_size", "num_beams", "max_samples"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise UsageError(f"--{name} must be positive")
-        if args.model not in ("reference", "lexical"):  # an MT model: known before any data is read
+        if not is_offline_mt(args.model):  # an MT model: known before any data is read
             from flare.config import resolve_translation_model
 
             resolve_translation_model(args.model, "--model")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=Path(args.output_dir), data_dir=args.data_dir,
             splits=tuple(args.splits) if args.splits else None, max_samples=args.max_samples,
             max_length=args.max_length, batch_size=args.batch_size, num_beams=args.num_beams,
-            device="cpu" if args.model in ("reference", "lexical") else resolve_device(args.device),  # no torch
+            device="cpu" if is_offline_mt(args.model) else resolve_device(args.device),  # no torch
             bf16=args.bf16, overwrite=args.overwrite,
             no_fallback=args.no_fallback,
             parquet_inputs={s: p for s, p in (("train", args.path_train), ("test", args.path_test)) if p},

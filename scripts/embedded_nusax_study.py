@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--langs", nargs="+", default=["jav", "sun", "ace", "mad"], help="reported target languages")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
                    help="seeds (each takes about 70 min for the oracle, 50 min for the lexical condition)")
-    p.add_argument("--mt", choices=("reference", "lexical"), default="reference",
+    p.add_argument("--mt", choices=("reference", "lexical", *(f"lexical-q{q}" for q in (25, 50, 75))),
+                   default="reference",
                    help="translations: reference = NusaX's human ones (oracle), lexical = the statistical MT of "
-                        "flare.lexical_mt trained on the training split")
+                        "flare.lexical_mt trained on the training split, lexical-qNN = an MT quality level between "
+                        "them (NN %% of the rows lexical, chosen by a seeded hash of the row id)")
     p.add_argument("--fns", nargs="+", choices=FUSION_FNS, default=None,
                    help="FLARE fusion functions of the grid (default: all four for reference, add_relu mul for "
                         "lexical)")

@@ -226,10 +226,10 @@ def test_reference_refuses_tydiqa(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- lexical (statistical) MT backend
-def _lexical(out, src, tgt, *extra, data=DATA):
-    assert run_translate.main(["--task", "nusax", "--source_lang", src, "--target_lang", tgt, "--model", "lexical",
+def _lexical(out, src, tgt, *extra, data=DATA, model="lexical"):
+    assert run_translate.main(["--task", "nusax", "--source_lang", src, "--target_lang", tgt, "--model", model,
                                "--data_dir", str(data), "--output_dir", str(out), *extra]) == 0
-    folder = Path(out) / "nusax" / f"translate-{tgt}-lexical"
+    folder = Path(out) / "nusax" / f"translate-{tgt}-{model}"
     return folder, json.loads((folder / "meta.json").read_text())
 
 
@@ -411,3 +411,33 @@ def test_run_translate_sh_both_directions(tmp_path):
         for split in ("train", "val", "test"):
             assert (tmp_path / "nusax" / f"translate-{lang}-reference" / f"{split}_en-{lang}.parquet").is_file()
         assert (tmp_path / "nusax" / "translate-en-reference" / f"test_{lang}-en.parquet").is_file()
+
+
+def test_mt_quality_levels_mix_lexical_and_human_rows_by_a_seeded_hash(tmp_path):
+    """`--model lexical-qNN` (issue 29, the MT-quality curve): NN % of the rows take the lexical translation, the
+    others the human one, chosen by a hash of the row id: nested (every row lexical at q25 is lexical at q50),
+    reproducible, recorded in meta.json with the level's own chrF, which falls as the level rises."""
+    from flare.lexical_mt import is_offline_mt, mix_fraction, takes_lexical
+
+    assert mix_fraction("lexical-q25") == 0.25 and mix_fraction("lexical") is None
+    assert mix_fraction("lexical-q0") is None and mix_fraction("lexical-q100") is None
+    assert is_offline_mt("lexical-q50") and not is_offline_mt("nllb-600m")
+    ids = [str(i) for i in range(2000)]
+    share = {q: sum(takes_lexical(i, q) for i in ids) / len(ids) for q in (0.25, 0.5, 0.75)}
+    assert all(abs(share[q] - q) < 0.04 for q in share)
+    assert all(takes_lexical(i, 0.5) for i in ids if takes_lexical(i, 0.25))  # nested levels
+
+    human = list(load_task("nusax", "en", "test", DATA)["text"])
+    lexical = pd.read_parquet(_lexical(tmp_path, "jav", "en", "--splits", "test")[0] / "test_jav-en.parquet")
+    chrf = {}
+    for q in (25, 75):
+        folder, meta = _lexical(tmp_path, "jav", "en", "--splits", "test", model=f"lexical-q{q}")
+        assert folder.name == f"translate-en-lexical-q{q}"
+        df = pd.read_parquet(folder / "test_jav-en.parquet")
+        chosen = [takes_lexical(str(i), q / 100) for i in df["id"]]
+        assert list(df["text_translated"]) == [lex if c else h for lex, h, c in
+                                               zip(lexical["text_translated"], human, chosen)]
+        entry = meta["splits"]["test_jav-en"]
+        assert entry["mix"]["rows_lexical"] == sum(chosen) and entry["mix"]["fraction"] == q / 100
+        chrf[q] = entry["against_human"]["chrf"]
+    assert chrf[25] > chrf[75] > 28  # between the human translation (100) and the lexical MT (28.8)

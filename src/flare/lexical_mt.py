@@ -12,10 +12,16 @@ source word f given the target word e. Decoding, word by word: each source word 
 rule at the word level), among target WORDS only; punctuation is kept as it is and a word the model never saw is
 copied. Ties go to the alphabetically first word, so the output is a deterministic function of the training data.
 Text is lower-cased for the model; the output's first letter is capitalised and punctuation re-attached.
+
+MT quality levels between the human translation and this MT (``--model lexical-qNN``, NN in 1..99): NN % of the
+rows take the lexical translation, the others the human one, a row chosen by a seeded hash of its id
+(:func:`takes_lexical`), so the levels are nested (a row lexical at q25 is lexical at q50 and q75) and reproducible.
+The rows' quality is then measured like the lexical MT's own (chrF against the human translation, per split).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -92,3 +98,26 @@ def scores(hypotheses: list[str], references: list[str]) -> dict:
 
     return dict(chrf=round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
                 bleu=round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2))
+
+
+OFFLINE_MT = ("reference", "lexical")  # translation backends without NLLB weights
+_MIX = re.compile(r"lexical-q([1-9][0-9]?)")
+MIX_SEED = "flare-mt-quality"
+
+
+def is_offline_mt(model: str) -> bool:
+    """'reference', 'lexical' or a quality level 'lexical-qNN' (no NLLB model)."""
+    return model in OFFLINE_MT or mix_fraction(model) is not None
+
+
+def mix_fraction(model: str) -> float | None:
+    """The fraction of rows translated by the lexical MT in ``lexical-qNN`` (NN / 100), else None."""
+    match = _MIX.fullmatch(model)
+    return int(match.group(1)) / 100 if match else None
+
+
+def takes_lexical(row_id: str, fraction: float) -> bool:
+    """Whether the row ``row_id`` takes the lexical translation at level ``fraction``: a fixed pseudo-random number
+    in [0, 1) per id (SHA-256 of a fixed seed and the id) below ``fraction``; nested across levels."""
+    digest = hashlib.sha256(f"{MIX_SEED}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction

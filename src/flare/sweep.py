@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[42], help="seeds")
     p.add_argument("--source_lang", default="en", help="source language")
     p.add_argument("--mt", default="nllb-3.3b",
-                   help="translation model of run_translate.py: an NLLB key or folder, 'reference' or 'lexical'")
+                   help="translation model of run_translate.py: an NLLB key or folder, 'reference', 'lexical' or an "
+                        "MT quality level 'lexical-qNN'")
     p.add_argument("--mt_model", default="nllb-600m", help="FLARE MT encoder")
     p.add_argument("--data_dir", default=None, help="local data root (default: the hub)")
     p.add_argument("--output_dir", default="checkpoints", help="root of the run directories")
@@ -172,7 +173,9 @@ def check_args(args: argparse.Namespace) -> None:
     from flare.stages import check_output_dir
 
     resolve_model(args.plm)
-    checked = {"--mt": args.mt} if args.mt not in ("reference", "lexical") else {}
+    from flare.lexical_mt import is_offline_mt
+
+    checked = {"--mt": args.mt} if not is_offline_mt(args.mt) else {}
     if "flare-mt" in args.modes:
         checked["--mt_model"] = args.mt_model
     for flag, name in checked.items():

@@ -39,6 +39,7 @@ from flare.data.layout import (
 from flare.errors import FlareError
 from flare.files import atomic_write
 from flare.languages import nllb_code, resolve
+from flare.lexical_mt import MIX_SEED, is_offline_mt, mix_fraction, takes_lexical
 from flare.lexical_mt import scores as lexical_scores
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ FIELDS = {task: info.text_fields for task, info in TASKS.items()}  # the fields 
 SPLITS = TRANSLATED_SPLITS
 MARK = '"'  # answer marker for span projection (the original's choice); removed from every QA text first
 CHUNK = 256  # unique strings per resumable chunk
-OFFLINE_BACKENDS = ("reference", "lexical")  # no NLLB: the human translation, the statistical MT of flare.lexical_mt
+# no NLLB: the human translation, the statistical MT of flare.lexical_mt, and quality levels mixing the two
 TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model", "spm.model")
 
 
@@ -93,7 +94,7 @@ class NLLBTranslator:
         try:
             spec = resolve_translation_model(model, "--model")
         except ValueError as e:
-            raise TranslationError(f"{e}, or 'reference' or 'lexical'") from e
+            raise TranslationError(f"{e}, or 'reference', 'lexical' or 'lexical-qNN'") from e
         hint = "the model directory needs its tokenizer files (tokenizer.json / sentencepiece.bpe.model)"
         local = Path(spec.hub_id)
         if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
@@ -346,7 +347,8 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
     bad = [s for s in splits if s not in SPLITS[job.task]]
     if bad:
         raise TranslationError(f"--splits {bad}: {job.task} translates {list(SPLITS[job.task])}")
-    nllb = job.model not in OFFLINE_BACKENDS
+    nllb = not is_offline_mt(job.model)
+    mix = mix_fraction(job.model)  # lexical-qNN: that fraction of the rows lexical, the rest the human translation
     # NLLB's language codes (and its Indonesian fallback) matter only to NLLB
     src_code, src_fallback = nllb_code(src, allow_fallback=not job.no_fallback or not nllb)
     tgt_code, tgt_fallback = nllb_code(tgt_lang.code, allow_fallback=not job.no_fallback or not nllb)
@@ -367,7 +369,7 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
     if job.max_samples:
         sources = {s: d.select(range(min(job.max_samples, len(d)))) for s, d in sources.items()}
     translator, lexical = None, None
-    if job.model == "lexical":
+    if job.model == "lexical" or mix is not None:
         lexical, trained_on = train_lexical(job.task, src, tgt_lang.code, job.data_dir)
     elif nllb:
         translator = translator_factory() if translator_factory else NLLBTranslator(
@@ -397,7 +399,15 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
         elif lexical is not None:
             df, counts = translate_split(job.task, ds, lambda _field, texts: lexical.translate(texts))
             stats.strings = len(ds) * len(FIELDS[job.task])
-            human = parallel_target(job.task, src, tgt_lang.code, split, job.data_dir, ds, backend="lexical")
+            human = parallel_target(job.task, src, tgt_lang.code, split, job.data_dir, ds, backend=job.model)
+            if mix is not None:  # the rows the hash leaves to the human translation take it
+                ids = [str(i) for i in (df["id"] if "id" in df.columns else range(len(df)))]
+                lexical_rows = [takes_lexical(i, mix) for i in ids]
+                for f in FIELDS[job.task]:
+                    df[translated(f)] = [t if lex else str(h) for t, h, lex in
+                                         zip(df[translated(f)], human[f], lexical_rows)]
+                counts["mix"] = dict(fraction=mix, rows_lexical=sum(lexical_rows),
+                                     rows_human=len(lexical_rows) - sum(lexical_rows), seed=MIX_SEED)
             hyp = [str(x) for f in FIELDS[job.task] for x in df[translated(f)]]
             ref = [str(x) for f in FIELDS[job.task] for x in human[f]]
             counts = dict(counts, trained_on=trained_on, against_human=dict(

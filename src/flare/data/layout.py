@@ -30,7 +30,9 @@ def translation_folder(output_dir: str | Path, task: str, tgt: str, mt: str) -> 
 def mt_name(model: str) -> str:
     """The MT's name in folder names: ``reference`` / ``lexical``, a hub id or table name as given, a local model
     folder's name."""
-    return model if model in ("reference", "lexical") or not Path(model).exists() else Path(model).name
+    from flare.lexical_mt import is_offline_mt
+
+    return model if is_offline_mt(model) or not Path(model).exists() else Path(model).name
 
 
 def split_file(split: str, src: str, tgt: str) -> str:
