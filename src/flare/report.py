@@ -308,38 +308,44 @@ def significance(table: dict, metric: str, task: str | None = None) -> list[dict
     return cache[metric]
 
 
+def compare(table: dict, metric: str, task: str, r: tuple, base: tuple) -> dict | None:
+    """Row ``r`` minus row ``base`` over the (language, seed) pairs both ran: the mean difference, its mean per
+    seed, better / worse / tied pair counts, and the bootstrap's intervals and p-values (seeds and items with at
+    least :data:`MIN_SEEDS` seeds, else items only; ``ci`` and ``p`` are the ones a judgement uses). None without
+    pairs or predictions."""
+    triples = paired(table, metric, r, base)
+    if not triples:
+        return None
+    recs = [(predictions_of(table["runs"][(r, lang, seed)]), predictions_of(table["runs"][(base, lang, seed)]))
+            for lang, seed, _ in triples]
+    if any(a is None or b is None for a, b in recs):
+        logger.warning("%s - %s: predictions missing, no item bootstrap", row_label(r), row_label(base))
+        return None
+    diffs = [d for _, _, d in triples]
+    boot = item_bootstrap(task, metric, recs, groups=[seed for _, seed, _ in triples])
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    by_seed = defaultdict(list)
+    for _, seed, d in triples:
+        by_seed[seed].append(d)
+    with_seeds = "p_seeds" in boot
+    return dict(row=r, baseline=base, n=len(diffs), mean=float(np.mean(diffs)), items=boot["items"],
+                seeds=boot["seeds"], ci_items=boot["ci"], p_items=boot["p"],
+                ci_seeds=boot.get("ci_seeds"), p_seeds=boot.get("p_seeds"),
+                # what the judgement uses: seeds and items resampled when there are enough seeds
+                resampled="seeds and items" if with_seeds else "items",
+                ci=boot["ci_seeds"] if with_seeds else boot["ci"], p=boot["p_seeds"] if with_seeds else boot["p"],
+                per_seed={seed: float(np.mean(v)) for seed, v in sorted(by_seed.items())},
+                wins=wins, losses=losses, ties=len(diffs) - wins - losses)
+
+
 def _significance(table: dict, metric: str, task: str) -> list[dict]:
     out = []
     for r in table["rows"]:
         if r[0] not in ("flare", "flare-mt"):
             continue
         for base in table.get("baselines", BASELINES):
-            if base == r:
-                continue
-            triples = paired(table, metric, r, base)
-            if not triples:
-                continue
-            recs = [(predictions_of(table["runs"][(r, lang, seed)]), predictions_of(table["runs"][(base, lang, seed)]))
-                    for lang, seed, _ in triples]
-            if any(a is None or b is None for a, b in recs):
-                logger.warning("%s - %s: predictions missing, no item bootstrap", row_label(r), row_label(base))
-                continue
-            diffs = [d for _, _, d in triples]
-            boot = item_bootstrap(task, metric, recs, groups=[seed for _, seed, _ in triples])
-            wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            by_seed = defaultdict(list)
-            for _, seed, d in triples:
-                by_seed[seed].append(d)
-            with_seeds = "p_seeds" in boot
-            out.append(dict(row=r, baseline=base, n=len(diffs), mean=float(np.mean(diffs)), items=boot["items"],
-                            seeds=boot["seeds"], ci_items=boot["ci"], p_items=boot["p"],
-                            ci_seeds=boot.get("ci_seeds"), p_seeds=boot.get("p_seeds"),
-                            # what the judgement uses: seeds and items resampled when there are enough seeds
-                            resampled="seeds and items" if with_seeds else "items",
-                            ci=boot["ci_seeds"] if with_seeds else boot["ci"],
-                            p=boot["p_seeds"] if with_seeds else boot["p"],
-                            per_seed={seed: float(np.mean(v)) for seed, v in sorted(by_seed.items())},
-                            wins=wins, losses=losses, ties=len(diffs) - wins - losses))
+            if base != r and (s := compare(table, metric, task, r, base)) is not None:
+                out.append(s)
     for s, adjusted in zip(out, holm([s["p"] for s in out])):
         s["p_holm"], s["holm_family"] = adjusted, len(out)
     return out
