@@ -660,3 +660,40 @@ def test_validation_set_target_needs_a_training_mode(world, tmp_path, capsys, ar
                                                                                           "identity"),
                 out=tmp_path) == 2
     assert "TyDiQA has no target-language validation set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode_flags", [["--fusion_fn", "cross-attention"], ["--input_fusion"]])
+def test_eval_stage2_reevaluates_a_trained_run_exactly_and_with_other_test_english(world, tmp_path, mode_flags):
+    """--eval_stage2 RUN (issue 29, item 4: a model trained with one MT, tested with another's English): the trained
+    adapter, head and fusion modules loaded on the stage-1 model (verified); with the run's own translations it gives
+    the run's own test predictions exactly; with another MT's English (here the lexical MT's) the test input
+    changes, the model does not; the result names the run and the translations, in a directory of its own."""
+    flags = [*train_flags(world, "nusax", "jav"), *mode_flags]
+    assert run2(world, "xlm-roberta", "nusax", *flags, "--lr", "1e-2", out=tmp_path / "trained") == 0
+    (trained,) = [p.parent for p in (tmp_path / "trained").glob("*/results_test.json")]
+    again = ["--eval_stage2", str(trained), "--output_dir", str(tmp_path / "again")]
+    assert stage2.main(again) == 0
+    (same,) = [p.parent for p in (tmp_path / "again").glob("*/results_test.json")]
+    assert same.name == trained.name + "-evaltest-translate-jav-reference"
+    assert (same / "predictions_test.jsonl").read_text() == (trained / "predictions_test.jsonl").read_text()
+    res = json.loads((same / "results_test.json").read_text())
+    assert res["evaluated_run"] == str(trained) and res["mode"] == json.loads(
+        (trained / "results_test.json").read_text())["mode"] and "train_runtime" not in res
+    lexical = tmp_path / "tr"
+    run_job(TranslateJob("nusax", "jav", "en", "lexical", output_dir=lexical, data_dir=str(DATA), splits=("test",)))
+    other = lexical / "nusax" / "translate-en-lexical"
+    assert stage2.main([*again, "--path_mt", str(other), "--output_dir", str(tmp_path / "other")]) == 0
+    (moved,) = [p.parent for p in (tmp_path / "other").glob("*/results_test.json")]
+    assert moved.name == trained.name + "-evaltest-translate-en-lexical"
+    assert json.loads((moved / "results_test.json").read_text())["test_translations"] == str(other)
+    cfg = stage2.resolve_config(stage2.build_parser().parse_args(stage2.with_evaluated_run_identity(
+        [*again, "--path_mt", str(other)])))
+    test = stage2.load_data(cfg).test  # the English the fusion reads at test time is the lexical MT's
+    mt = pd.read_parquet(other / "test_jav-en.parquet")["text_translated"]
+    assert cfg.eval_stage2 == trained and not cfg.trains and test["src_text"] == list(mt)[:len(test)]
+
+
+def test_eval_stage2_refuses_what_is_not_a_trained_stage2_run(world, tmp_path, capsys):
+    assert stage2.main(["--eval_stage2", str(world["ck"] / "nusax-en-xlm-roberta-3"), "--output_dir",
+                        str(tmp_path)]) == 2
+    assert "not a trained stage-2 run" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -52,7 +53,7 @@ from flare.config import (
     resolve_model,
     resolve_translation_model,
 )
-from flare.errors import FlareError
+from flare.errors import CheckpointError, FlareError
 from flare.languages import check_task_language
 from flare.stages import (
     POSITIVE,
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path_mt", default=None,
                    help="translation folder of run_translate.py, translations/{task}/translate-{tgt}-{mt} (or "
                         "translate-{src}-{mt}; the other direction is found beside it)")
+    p.add_argument("--eval_stage2", default=None, metavar="RUN_DIR",
+                   help="evaluate a trained stage-2 run (its adapter, head and fusion modules) on the test set again, "
+                        "with the test translations of --path_mt (e.g. a model trained on one MT, tested with "
+                        "another MT's English); every other setting is the run's own (its run_config.json); writes "
+                        "OUTPUT_DIR/<run>-evaltest-<path_mt folder>")
     p.add_argument("--validation_set", default="translated", choices=["translated", "target"],
                    help="the validation set that selects the checkpoint. translated (the original): the English "
                         "validation set translated into the target language, the fusion modes reading its gold "
@@ -156,12 +162,13 @@ class Stage2Config(RunConfig):
     cache_source_states: bool
     cache_source_mb: float
     validation_set: str
+    eval_stage2: Path | None = None  # a trained stage-2 run evaluated again (no training)
 
     NOT_RECORDED: ClassVar[tuple[str, ...]] = (*RunConfig.NOT_RECORDED, "mt_spec")
 
     @property
     def trains(self) -> bool:
-        return self.mode not in ("zero-shot", "translate-test")
+        return self.mode not in ("zero-shot", "translate-test") and self.eval_stage2 is None
 
     def describe(self) -> dict:
         return super().describe() | {"mt_model": self.mt_spec.hub_id if self.mt_spec else None}
@@ -218,11 +225,39 @@ def run_name(args: argparse.Namespace, src: str, tgt: str, plm_name: str) -> str
     return name
 
 
-def resolve_config(args: argparse.Namespace) -> Stage2Config:
-    """Validate every flag and input path before any model is loaded; raises :class:`UsageError`."""
-    from flare.errors import CheckpointError
+def evaluated_run_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``--eval_stage2 RUN_DIR``: the run's own flags (its run_config.json), with this call's --path_mt (default: the
+    run's), --output_dir, --device, --data_dir and --max_eval_samples."""
     from flare.files import read_run_config
 
+    run = Path(args.eval_stage2)
+    try:
+        saved = read_run_config(run)
+    except CheckpointError as e:
+        raise UsageError(f"--eval_stage2 {run}: {e}") from e
+    if saved.get("mode") not in ("translate-train", "input-fusion", "flare", "flare-mt"):
+        raise UsageError(f"--eval_stage2 {run}: not a trained stage-2 run (mode {saved.get('mode')!r}); pass a run "
+                         "directory of run.py with --adapter lora")
+    if saved.get("stage1_merge", "none") != "none":
+        raise UsageError(f"--eval_stage2 {run}: trained with --stage1_merge {saved['stage1_merge']}; only runs that "
+                         "stacked the new adapter on the frozen stage-1 one (the default) are re-evaluated")
+    check_adapter_file(run)
+    flags = dict(saved["args"])
+    defaults = build_parser().parse_args(["--task", flags["task"], "--plm", flags["plm"], "--seed", str(flags["seed"]),
+                                          "--target_lang", flags["target_lang"]])
+    merged = {**vars(defaults), **flags}  # a flag newer than the run takes its default
+    given = {k: getattr(args, k) for k in ("path_mt", "data_dir", "max_eval_samples") if getattr(args, k) is not None}
+    merged.update(given, output_dir=args.output_dir, device=args.device, eval_stage2=str(run),
+                  resume_from_checkpoint=None, eval_only=False)
+    return argparse.Namespace(**merged)
+
+
+def resolve_config(args: argparse.Namespace) -> Stage2Config:
+    """Validate every flag and input path before any model is loaded; raises :class:`UsageError`."""
+    from flare.files import read_run_config
+
+    if args.eval_stage2:
+        args = evaluated_run_args(args)
     mode = resolve_mode(args)
     spec = resolve_model(args.plm)
     if spec.family == "seq2seq":
@@ -302,6 +337,8 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
     if mode == "input-fusion":
         max_length *= 2
     name = run_name(args, src, tgt, model_name(args.plm))
+    if args.eval_stage2:  # never the trained run's own directory
+        name = f"{Path(args.eval_stage2).name}-evaltest-{Path(args.path_mt).name}"
     adapter_name = ADAPTER_NAMES.get(mode) or (f"flare-{args.fusion_fn}" if mode == "flare" else None)
     check_resume(args.resume_from_checkpoint, Path(args.output_dir) / name)
     device = resolve_device(args.device)  # last: it imports torch
@@ -315,7 +352,8 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         run_dir=Path(args.output_dir) / name, load_ckpt=load_ckpt, prefix="zs" if mode == "zero-shot" else "test",
         stage1_merge=args.stage1_merge, cross_attention_heads=args.cross_attention_heads,
         cache_source_states=args.cache_source_states, cache_source_mb=args.cache_source_mb,
-        validation_set=args.validation_set, opts=TrainingOptions.from_args(args), args=vars(args).copy(),
+        validation_set=args.validation_set, eval_stage2=Path(args.eval_stage2) if args.eval_stage2 else None,
+        opts=TrainingOptions.from_args(args), args=vars(args).copy(),
     )
 
 
@@ -354,6 +392,11 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
         return Stage2Data(None, None, limit(target_test, o.max_eval_samples), counts)
     dirs = translation_dirs(cfg.path_mt, src, tgt)
     with_source = cfg.mode in ("flare", "input-fusion")
+    if cfg.eval_stage2 is not None:  # a trained run evaluated again: the test set alone
+        if with_source:
+            df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
+            target_test = paired_test(task, target_test, df, str(dirs.backward)).dataset
+        return Stage2Data(None, None, limit(target_test, o.max_eval_samples), counts)
     if cfg.mode == "translate-test":
         df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
         pair = translate_test(task, target_test, df, str(dirs.backward))
@@ -408,11 +451,58 @@ def model_outputs(model, batch: dict, fusion=None):
     return torch.cat([f.detach().flatten().cpu().float() for f in fields])  # no fp32 copy on the device
 
 
+def make_fusion(model, cfg: Stage2Config, tokenizer, mt=None):
+    """FLARE's fusion of the new adapter (None for the other modes), attached."""
+    from flare.models.fusion import Fusion
+
+    if cfg.mode not in ("flare", "flare-mt"):
+        return None
+    o, config = cfg.opts, model.get_base_model().config
+    return Fusion(model, layers=cfg.spec.layers, targets=cfg.spec.fusion_targets, adapter="default",
+                  fusion_fn=cfg.fusion_fn, padding_side=tokenizer.padding_side,
+                  causal=cfg.spec.family == "decoder", cross_attention_heads=cfg.cross_attention_heads,
+                  attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
+                                          or getattr(config, "attention_dropout", 0.0) or 0.0),
+                  mt_encoder=mt, cache_source_states=cfg.cache_source_states,
+                  cache_limit_mb=cfg.cache_source_mb, state_dtype=autocast_dtype(o),
+                  autocast_dtype=autocast_dtype(o)).attach()
+
+
+def load_trained_adapter(model, cfg: Stage2Config, tokenizer, mt=None):
+    """``--eval_stage2``: the trained run's adapter (and head) stacked on the frozen stage-1 one, loaded and
+    verified like a stage-1 run, and its fusion modules; returns (model, fusion)."""
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from flare.files import ADAPTER_FILE
+    from flare.models.loading import load_adapter_state, lora_config
+    from flare.models.stack import NEW, activate, stack_new_adapter
+
+    o = cfg.opts
+    new = lora_config(cfg.spec, cfg.task, r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
+                      target_modules=cfg.target_modules, freeze_head=o.freeze_lm_head)
+    model = stack_new_adapter(model, new)
+    weights = cfg.eval_stage2 / ADAPTER_FILE
+    saved, _ = load_adapter_state(weights)
+    set_peft_model_state_dict(model, saved, adapter_name=NEW)
+    current = get_peft_model_state_dict(model, adapter_name=NEW)
+    wrong = [k for k, v in current.items() if k not in saved or not torch.equal(v.detach().cpu().to(saved[k].dtype),
+                                                                              saved[k])]
+    if wrong:
+        raise CheckpointError(f"{weights}: {len(wrong)} adapter/head weights missing or not loaded, e.g. {wrong[:3]}")
+    activate(model)
+    model.eval()
+    fusion = make_fusion(model, cfg, tokenizer, mt)
+    if fusion is not None:
+        fusion.load(cfg.eval_stage2)
+    logger.info("evaluating the trained run %s (%d adapter/head tensors, verified)", cfg.eval_stage2, len(saved))
+    return model, fusion
+
+
 def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None):
     """(model, fusion, start): the stage-1 model verifiably loaded; for training modes a new adapter on top of it
     (stacked, or after merging as ``--stage1_merge`` says) and its fusion. ``probe`` (a model-ready batch) checks
     that the fresh stage-2 model computes the stage-1 model's outputs: ``start`` records the largest difference."""
-    from flare.models.fusion import Fusion
     from flare.models.loading import add_lora, load_checked, load_model, lora_config
     from flare.models.stack import STAGE1, stack_new_adapter
 
@@ -420,6 +510,9 @@ def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None
     base = load_model(cfg.spec, cfg.task, quantize=cfg.quantize, device=cfg.device, bf16=o.bf16, fp16=o.fp16,
                       gradient_checkpointing=o.gradient_checkpointing and cfg.trains)
     model = load_checked(base, cfg.load_ckpt, is_trainable=False, adapter_name=STAGE1)
+    if cfg.eval_stage2 is not None:
+        model, fusion = load_trained_adapter(model, cfg, tokenizer, mt)
+        return model, fusion, {}
     if not cfg.trains:
         return model, None, {}
     reference = model_outputs(model, probe) if probe is not None else None  # the stage-1 model itself
@@ -429,17 +522,7 @@ def build_model(cfg: Stage2Config, tokenizer, probe: dict | None = None, mt=None
         model = stack_new_adapter(model, new)
     else:  # exact (unquantised) or requantize (the original's merge into quantised weights)
         model = add_lora(model.merge_and_unload(), new)
-    fusion = None
-    if cfg.mode in ("flare", "flare-mt"):
-        config = model.get_base_model().config
-        fusion = Fusion(model, layers=cfg.spec.layers, targets=cfg.spec.fusion_targets, adapter="default",
-                        fusion_fn=cfg.fusion_fn, padding_side=tokenizer.padding_side,
-                        causal=cfg.spec.family == "decoder", cross_attention_heads=cfg.cross_attention_heads,
-                        attention_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
-                                                or getattr(config, "attention_dropout", 0.0) or 0.0),
-                        mt_encoder=mt, cache_source_states=cfg.cache_source_states,
-                        cache_limit_mb=cfg.cache_source_mb, state_dtype=autocast_dtype(o),
-                        autocast_dtype=autocast_dtype(o)).attach()
+    fusion = make_fusion(model, cfg, tokenizer, mt)
     start: dict = {}
     if reference is not None:
         diff = (model_outputs(model, probe, fusion) - reference).abs().max().item()
@@ -524,6 +607,8 @@ def run(cfg: Stage2Config) -> dict:
                          pad_values=pad_values, parse=o.parse, eval_mode=o.eval_mode, autocast=autocast_dtype(o))
 
     results: dict = dict(data.counts, **start, stage1_merge=cfg.stage1_merge if cfg.trains else None)
+    if cfg.eval_stage2 is not None:
+        results.update(evaluated_run=str(cfg.eval_stage2), test_translations=str(cfg.path_mt))
     if cfg.trains:
         feats = _features(cfg, data.train, tokenizer, mt, train=True)
         label_names = ("labels",) if cfg.spec.family == "decoder" or info.kind == "cls" else (
@@ -570,8 +655,26 @@ def run(cfg: Stage2Config) -> dict:
     return write_run(cfg, results, test_eval.records(predictions), cfg.prefix)
 
 
+def with_evaluated_run_identity(argv: list[str]) -> list[str]:
+    """``--eval_stage2 RUN_DIR`` needs none of the required flags: they are the run's (its run_config.json), put
+    first so that argparse is satisfied; :func:`evaluated_run_args` then takes every setting from the run."""
+    run = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--eval_stage2"),
+               next((a.split("=", 1)[1] for a in argv if a.startswith("--eval_stage2=")), None))
+    config = Path(run) / "run_config.json" if run else None
+    if config is None or not config.is_file():
+        return argv  # (resolve_config says what is wrong with it)
+    try:
+        saved = json.loads(config.read_text())["args"]
+        identity = ["--task", saved["task"], "--plm", saved["plm"], "--seed", str(saved["seed"]),
+                    "--target_lang", saved.get("target_lang") or saved.get("lang") or "en"]
+    except (ValueError, KeyError, TypeError):
+        return argv
+    return [*identity, *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(build_parser, resolve_config, run, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return stage_main(build_parser, resolve_config, run, with_evaluated_run_identity(argv))
 
 
 if __name__ == "__main__":
