@@ -260,3 +260,16 @@ def test_the_study_page_is_what_the_report_makes_of_the_committed_results():
     family = {s["holm_family"] for _, _, tables in loaded for t in tables.values()
               for s in report.significance(t, "test_f1")}
     assert family == {15}  # 8 oracle + 4 lexical + 3 equal-budget comparisons, corrected together
+
+
+def test_a_report_of_some_seeds(tmp_path, capsys):
+    """--seeds: the tables of those seeds only (to set a condition beside one with fewer seeds), nothing counted as
+    missing for the others, written apart from the full report; not into a --readme page."""
+    repo = Path(__file__).resolve().parents[1]
+    root = str(repo / "results" / "embedded-nusax-lexical")
+    assert report.main([root, "--seeds", "1", "--out", str(tmp_path / "one")]) == 0
+    md = (tmp_path / "one" / "nusax-me5-small.md").read_text()
+    assert "mean over seeds [1]" in md and "seed 2" not in md and "seed 3" not in md
+    assert "fewer than 3 seeds" in md  # the interval resamples items only, and says so
+    assert report.main([root, "--seeds", "1", "--readme", str(tmp_path / "page.md")]) == 2
+    assert "--seeds makes a partial report" in capsys.readouterr().err

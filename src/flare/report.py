@@ -580,13 +580,19 @@ def page_command(roots: list[str], page: str) -> str:
     return f"python -m flare.report {' '.join(roots)} --readme {page}"
 
 
-def load_page(roots: list[str]) -> list[tuple[str, dict | None, dict]]:
+def load_page(roots: list[str], seeds: list[int] | None = None) -> list[tuple[str, dict | None, dict]]:
     """(root, study, tables) of each results folder of one page, with Holm's correction over every comparison of
-    the page (:func:`page_holm`). A folder without stage-2 results raises ValueError."""
+    the page (:func:`page_holm`); ``seeds``: only the runs of these seeds. A folder without stage-2 results raises
+    ValueError."""
     page = []
     for root in roots:
         study = load_study(Path(root))
-        tables = build_tables(load_results(Path(root)), study)
+        results = load_results(Path(root))
+        if seeds is not None:
+            results = [r for r in results if r.get("seed") in seeds]
+            if study is not None:
+                study = {**study, "seeds": [s for s in study.get("seeds", []) if s in seeds]}
+        tables = build_tables(results, study)
         if not tables:
             raise ValueError(f"no stage-2 results_*.json under {root}; run run.py (or python -m flare.sweep) first")
         page.append((root, study, tables))
@@ -631,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder with run directories (e.g. checkpoints/); several folders make one page (e.g. the "
                         "study's conditions): Holm's correction then runs over every comparison of all of them")
     p.add_argument("--out", default=None, help="where to write the report (default ROOT/report; one root only)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="only the runs of these seeds (e.g. to compare with a condition that has fewer); the report "
+                        "goes to ROOT/report-seeds-S1-S2 unless --out says otherwise; not with --readme")
     p.add_argument("--readme", default=None,
                    help="also replace the block between the markers '<!-- flare.report ROOT ... -->' and "
                         "'<!-- /flare.report ROOT -->' in this markdown file (e.g. docs/study.md) with the tables, "
@@ -642,12 +651,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {root} is not a folder; pass the --output_dir of run.py (e.g. checkpoints/)",
                   file=sys.stderr)
             return 2
+    if args.seeds and args.readme:
+        print("error: --seeds makes a partial report; the --readme blocks hold every seed (drop one of them)",
+              file=sys.stderr)
+        return 2
     if args.out and len(args.roots) > 1:
         print("error: --out names one folder; with several roots each report goes to ROOT/report (drop --out)",
               file=sys.stderr)
         return 2
     try:
-        page = load_page(args.roots)
+        page = load_page(args.roots, args.seeds)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -661,8 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{README_BEGIN.format(root=missing[0], command=command)}\n{README_END.format(root=missing[0])}",
                   file=sys.stderr)
             return 2
+    default_out = "report" + ("-seeds-" + "-".join(map(str, args.seeds)) if args.seeds else "")
     for root, study, tables in page:
-        out = Path(args.out) if args.out else Path(root) / "report"
+        out = Path(args.out) if args.out else Path(root) / default_out
         written += write_report(tables, out, study)
         if args.readme:
             block = readme_block(tables, study, root, out, page=Path(args.readme))
