@@ -242,10 +242,7 @@ def evaluated_run_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--eval_stage2 {run}: trained with --stage1_merge {saved['stage1_merge']}; only runs that "
                          "stacked the new adapter on the frozen stage-1 one (the default) are re-evaluated")
     check_adapter_file(run)
-    flags = dict(saved["args"])
-    defaults = build_parser().parse_args(["--task", flags["task"], "--plm", flags["plm"], "--seed", str(flags["seed"]),
-                                          "--target_lang", flags["target_lang"]])
-    merged = {**vars(defaults), **flags}  # a flag newer than the run takes its default
+    merged = {**vars(args), **saved["args"]}  # a flag newer than the run keeps its default
     given = {k: getattr(args, k) for k in ("path_mt", "data_dir", "max_eval_samples") if getattr(args, k) is not None}
     merged.update(given, output_dir=args.output_dir, device=args.device, eval_stage2=str(run),
                   resume_from_checkpoint=None, eval_only=False)
@@ -392,11 +389,15 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
         return Stage2Data(None, None, limit(target_test, o.max_eval_samples), counts)
     dirs = translation_dirs(cfg.path_mt, src, tgt)
     with_source = cfg.mode in ("flare", "input-fusion")
+
+    def test_set():
+        if not with_source:  # translate-train LoRA and FLARE MT see only the target language at test time
+            return target_test
+        df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)  # the English the fusions read
+        return paired_test(task, target_test, df, str(dirs.backward)).dataset
+
     if cfg.eval_stage2 is not None:  # a trained run evaluated again: the test set alone
-        if with_source:
-            df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
-            target_test = paired_test(task, target_test, df, str(dirs.backward)).dataset
-        return Stage2Data(None, None, limit(target_test, o.max_eval_samples), counts)
+        return Stage2Data(None, None, limit(test_set(), o.max_eval_samples), counts)
     if cfg.mode == "translate-test":
         df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
         pair = translate_test(task, target_test, df, str(dirs.backward))
@@ -425,13 +426,8 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
                                       need_source=with_source)
             val_ds = paired_train(task, val_df, with_source=with_source).dataset
         train_ds = train.dataset
-    if with_source:
-        df = read_translation(dirs.backward, task, "test", tgt, src, dirs.mt_name)
-        test = paired_test(task, target_test, df, str(dirs.backward)).dataset
-    else:  # translate-train LoRA and FLARE MT see only the target language at test time
-        test = target_test
     return Stage2Data(limit(train_ds, o.max_train_samples), limit(val_ds, o.max_eval_samples),
-                      limit(test, o.max_eval_samples), counts)
+                      limit(test_set(), o.max_eval_samples), counts)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -471,11 +467,10 @@ def make_fusion(model, cfg: Stage2Config, tokenizer, mt=None):
 def load_trained_adapter(model, cfg: Stage2Config, tokenizer, mt=None):
     """``--eval_stage2``: the trained run's adapter (and head) stacked on the frozen stage-1 one, loaded and
     verified like a stage-1 run, and its fusion modules; returns (model, fusion)."""
-    import torch
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
     from flare.files import ADAPTER_FILE
-    from flare.models.loading import load_adapter_state, lora_config
+    from flare.models.loading import load_adapter_state, lora_config, verify_loaded
     from flare.models.stack import NEW, activate, stack_new_adapter
 
     o = cfg.opts
@@ -485,17 +480,12 @@ def load_trained_adapter(model, cfg: Stage2Config, tokenizer, mt=None):
     weights = cfg.eval_stage2 / ADAPTER_FILE
     saved, _ = load_adapter_state(weights)
     set_peft_model_state_dict(model, saved, adapter_name=NEW)
-    current = get_peft_model_state_dict(model, adapter_name=NEW)
-    wrong = [k for k, v in current.items() if k not in saved or not torch.equal(v.detach().cpu().to(saved[k].dtype),
-                                                                              saved[k])]
-    if wrong:
-        raise CheckpointError(f"{weights}: {len(wrong)} adapter/head weights missing or not loaded, e.g. {wrong[:3]}")
+    verify_loaded(model, saved, NEW, weights)
     activate(model)
     model.eval()
     fusion = make_fusion(model, cfg, tokenizer, mt)
     if fusion is not None:
         fusion.load(cfg.eval_stage2)
-    logger.info("evaluating the trained run %s (%d adapter/head tensors, verified)", cfg.eval_stage2, len(saved))
     return model, fusion
 
 

@@ -275,6 +275,13 @@ def load_checked(base_model, ckpt_dir: str | Path, *, is_trainable: bool, adapte
                 model.eval()
     except KeyError as e:  # peft's own message for a missing modules_to_save tensor is a bare key
         raise CheckpointError(f"{weights}: adapter/head weights missing from the checkpoint, e.g. {e}") from e
+    verify_loaded(model, saved, adapter_name, weights)
+    return model
+
+
+def verify_loaded(model: PeftModel, saved: dict[str, torch.Tensor], adapter_name: str, weights: Path) -> None:
+    """Every adapter/head tensor ``adapter_name`` has is in ``saved`` (the file ``weights``) and equal to it in the
+    model: a missing or unloaded weight is a :class:`CheckpointError`, not a warning."""
     current = get_peft_model_state_dict(model, adapter_name=adapter_name)
     missing = sorted(set(current) - set(saved))
     if missing:
@@ -284,7 +291,6 @@ def load_checked(base_model, ckpt_dir: str | Path, *, is_trainable: bool, adapte
     if differ:
         raise CheckpointError(f"{weights}: {len(differ)} weights did not load into the model, e.g. {differ[:3]}")
     logger.info("loaded %d adapter/head tensors from %s (verified)", len(saved), weights)
-    return model
 
 
 class MTEncoder:
