@@ -7,7 +7,7 @@
 # Override with environment variables, e.g.:
 #   MODE=flare-mt FUSION_FN=add MT_MODEL=nllb-600m bash train_flare.sh
 #   TASK=nusax TGT=jav PLM=xlmr-large MODE=lora bash train_flare.sh
-# MODE: flare | flare-mt | lora (translate-train LoRA) | input-fusion | zero-shot | translate-test
+# MODE: flare | flare-mt | lora (translate-train LoRA) | xmixup (X-Mixup) | input-fusion | zero-shot | translate-test
 # Extra flags for run.py go after the script name:  bash train_flare.sh --max_train_samples 1000
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -45,10 +45,11 @@ case "$MODE" in
   flare)          args+=("${train[@]}" --fusion_fn "$FUSION_FN") ;;
   flare-mt)       args+=("${train[@]}" --fusion_fn "$FUSION_FN" --fuse_mt --mt_model "$MT_MODEL") ;;
   lora)           args+=("${train[@]}") ;;
+  xmixup)         args+=("${train[@]}" --xmixup) ;;
   input-fusion)   args+=("${train[@]}" --input_fusion) ;;
   zero-shot)      args+=(--eval_zs --eval_only) ;;
   translate-test) args+=(--translate-test --path_mt "$BACKWARD") ;;
-  *) echo "train_flare.sh: unknown MODE=$MODE (flare, flare-mt, lora, input-fusion, zero-shot, translate-test)" >&2
+  *) echo "train_flare.sh: unknown MODE=$MODE (flare, flare-mt, lora, xmixup, input-fusion, zero-shot, translate-test)" >&2
      exit 2 ;;
 esac
 [ "$BF16" = "1" ] && args+=(--bf16)

@@ -19,8 +19,9 @@ FLOORS = {
     "flare.config": 1, "flare.languages": 1, "flare.files": 1, "flare.prompts": 1,
     # 2: data and the shared flags
     "flare.data": 2, "flare.common_args": 2,
-    # 3: models (loading, the embedded model's converter, fusion) and evaluation
+    # 3: models (loading, the embedded model's converter, fusion, X-Mixup) and evaluation
     "flare.models.embedded": 3, "flare.models.loading": 3, "flare.models.fusion": 3, "flare.evaluation": 3,
+    "flare.models.xmixup": 3,
     # 4: training and the jobs built on it
     "flare.trainer": 4, "flare.stages": 4, "flare.translate": 4, "flare.report": 4, "flare.tiny_models": 4,
     # 5: the two stages and the MT-quality curve built on the report; 6: the sweep that runs them

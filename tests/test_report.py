@@ -148,6 +148,32 @@ def test_flare_vs_baselines_item_bootstrap_and_holm_in_the_table(tmp_path):
     assert md.index("· macro-F1 (") < md.index("· accuracy (")
 
 
+def test_xmixup_rows_sit_between_lora_and_input_fusion_and_are_compared_with_both_sides(tmp_path):
+    """X-Mixup is labelled as in the paper's tables, placed after translate-train LoRA, compared with LoRA, and FLARE
+    rows are compared with it (one Holm family)."""
+    root = tmp_path / "res"
+    rng = np.random.default_rng(2)
+    golds = list(rng.integers(0, 3, 120))
+    for lang in ("jav", "sun"):
+        for seed in (1, 2, 3):
+            lora = [g if rng.random() < 0.6 else (g + 1) % 3 for g in golds]
+            _predicted_run(root, "translate-train", lang, seed, lora, golds)
+            _predicted_run(root, "xmixup", lang, seed, [g if rng.random() < 0.7 else p for g, p in zip(golds, lora)],
+                           golds)
+            _predicted_run(root, "input-fusion", lang, seed, lora, golds)
+            _predicted_run(root, "flare", lang, seed, [g if rng.random() < 0.8 else p for g, p in zip(golds, lora)],
+                           golds, fn="add_relu")
+    table = report.build_tables(report.load_results(root))[("nusax", "m")]
+    assert [r[0] for r in table["rows"]] == ["translate-train", "xmixup", "input-fusion", "flare"]
+    pairs = {(s["row"], s["baseline"]) for s in report.significance(table, "test_f1")}
+    assert pairs == {(("xmixup", None), ("translate-train", None)), (("flare", "add_relu"), ("translate-train", None)),
+                     (("flare", "add_relu"), ("xmixup", None)), (("flare", "add_relu"), ("input-fusion", None))}
+    md = report.markdown("nusax", "m", table)
+    assert "| X-Mixup |" in md and md.index("| Translate-train LoRA |") < md.index("| X-Mixup |") < md.index(
+        "| Input-level fusion |")
+    assert "| X-Mixup − Translate-train LoRA | 6 |" in md and "| FLARE (add_relu) − X-Mixup | 6 |" in md
+
+
 def test_translate_test_with_one_input_for_every_language_is_shown_apart(tmp_path):
     """Translate-test on the human English is the English model on one test set: identical predictions in every
     language; it is shown as one value, not as a row of languages (nor averaged as four results). With per-language

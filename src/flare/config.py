@@ -36,6 +36,7 @@ class ModelSpec:
     attn_implementation: str | None = None
     model_type: str | None = None
     no_fusion: str | None = None  # why FLARE cannot run on this family (fused q/k/v), or None
+    no_xmixup: str | None = None  # why X-Mixup cannot run on this family, or None
 
     def head_modules(self, kind: str) -> tuple[str, ...]:
         return tuple(self.heads.get(kind, ()))
@@ -76,7 +77,10 @@ FAMILY_DEFAULTS: dict[str, dict] = {
                            "query and value only; fusing into qkv_proj would change the keys too (not the paper's "
                            "method). Use translate-train LoRA or input-level fusion with this model"),
     "xlm-roberta-xl": dict(family="encoder", layers="encoder.layer", lora_targets=("query", "value"),
-                           fusion_targets=("query", "value"), heads=_ENC_HEADS),
+                           fusion_targets=("query", "value"), heads=_ENC_HEADS,
+                           no_xmixup="XLM-R XL normalises before attention (pre-LN) and its attention block has no "
+                                     "LayerNorm after the residual, where X-Mixup mixes in post-LN encoders; not "
+                                     "implemented for it. Use translate-train LoRA, input-level fusion or FLARE"),
     "m2m_100": dict(family="seq2seq", layers="encoder.layers", lora_targets=("q_proj", "v_proj"),
                     fusion_targets=()),
 }

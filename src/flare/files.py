@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -57,6 +58,21 @@ def safetensors_problem(path: Path) -> str | None:
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # JSONDecodeError is a ValueError
         return str(e)
     return None
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a (whole) safetensors file, read from its header with the standard library."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+
+
+def adapter_layer_count(run_dir: Path, layers: str) -> int:
+    """How many transformer layers a run's adapter covers: the highest ``{layers}.N.`` index in its tensor names
+    + 1 (LoRA sits in every layer), without loading a model; 0 if none match."""
+    pattern = re.compile(rf"(?:^|\.){re.escape(layers)}\.(\d+)\.")
+    found = [int(m.group(1)) for k in safetensors_keys(run_dir / ADAPTER_FILE) if (m := pattern.search(k))]
+    return max(found) + 1 if found else 0
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:

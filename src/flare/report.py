@@ -43,10 +43,11 @@ METRICS = {"xnli": (("test_accuracy", "accuracy"),),
            "tydiqa": (("test_exact_match", "exact match"), ("test_f1", "F1"))}
 METRIC = {task: metrics[0][0] for task, metrics in METRICS.items()}  # the paper's metric per task (first table)
 METRIC_NAME = {task: metrics[0][1] for task, metrics in METRICS.items()}
-ROW_ORDER = ("zero-shot", "translate-test", "translate-train", "input-fusion", "flare", "flare-mt")
+ROW_ORDER = ("zero-shot", "translate-test", "translate-train", "xmixup", "input-fusion", "flare", "flare-mt")
 ROW_LABEL = {"zero-shot": "Zero-shot", "translate-test": "Translate-test", "translate-train": "Translate-train LoRA",
-             "input-fusion": "Input-level fusion", "flare": "FLARE", "flare-mt": "FLARE MT"}
-BASELINES = (("translate-train", None), ("input-fusion", None))  # what FLARE rows are compared with, paired
+             "xmixup": "X-Mixup", "input-fusion": "Input-level fusion", "flare": "FLARE", "flare-mt": "FLARE MT"}
+# what FLARE rows are compared with, paired (X-Mixup where a table has it); X-Mixup rows are compared with LoRA
+BASELINES = (("translate-train", None), ("xmixup", None), ("input-fusion", None))
 STUDY_FILE = "study.json"  # written by scripts/embedded_nusax_study.py: protocol and the budget choice
 N_BOOTSTRAP = 10_000
 
@@ -297,8 +298,9 @@ def paired(table: dict, metric: str, a: tuple, b: tuple) -> list[tuple[str, int,
 
 
 def significance(table: dict, metric: str, task: str | None = None) -> list[dict]:
-    """Every FLARE / FLARE MT row against the table's baselines (translate-train LoRA and input-level fusion, or a
-    study's ``compare_with``; a row is not compared with itself): the per-(language, seed)
+    """Every FLARE / FLARE MT row against the table's baselines (translate-train LoRA, X-Mixup and input-level fusion,
+    or a study's ``compare_with``; a row is not compared with itself), and X-Mixup against translate-train LoRA: the
+    per-(language, seed)
     differences (counted better / worse), their mean, the item-level bootstrap interval and p-value, and Holm's
     correction over all comparisons of the table. Comparisons whose runs lack predictions files are skipped.
     Computed once per table and metric (the markdown is written for the report, the README and the terminal)."""
@@ -341,9 +343,10 @@ def compare(table: dict, metric: str, task: str, r: tuple, base: tuple) -> dict 
 def _significance(table: dict, metric: str, task: str) -> list[dict]:
     out = []
     for r in table["rows"]:
-        if r[0] not in ("flare", "flare-mt"):
+        if r[0] not in ("flare", "flare-mt", "xmixup"):
             continue
-        for base in table.get("baselines", BASELINES):
+        bases = (("translate-train", None),) if r[0] == "xmixup" else table.get("baselines", BASELINES)
+        for base in bases:
             if base != r and (s := compare(table, metric, task, r, base)) is not None:
                 out.append(s)
     for s, adjusted in zip(out, holm([s["p"] for s in out])):

@@ -8,6 +8,7 @@ mode                flags                                                      a
 zero-shot           ``--eval_zs --eval_only``                                  none (stage-1 model)
 translate-test      ``--translate-test --path_mt .../translate-en-<mt>``       none (stage-1 model)
 translate-train     ``--adapter lora --translate-train --path_mt ...``         ``lora-default``
+xmixup              ... ``--xmixup``                                           ``xmixup``
 input-fusion        ... ``--input_fusion``                                     ``inputfusion``
 flare               ... ``--fusion_fn add|add_relu|mul|cross-attention|...``   ``flare-{fn}``
 flare-mt            ... ``--fusion_fn ... --fuse_mt --mt_model nllb-600m``     ``flare-fusemt``
@@ -76,8 +77,9 @@ from flare.stages import (
 
 logger = logging.getLogger("flare.run")
 
-MODES = ("zero-shot", "translate-test", "translate-train", "input-fusion", "flare", "flare-mt")
-ADAPTER_NAMES = {"translate-train": "lora-default", "input-fusion": "inputfusion", "flare-mt": "flare-fusemt"}
+MODES = ("zero-shot", "translate-test", "translate-train", "xmixup", "input-fusion", "flare", "flare-mt")
+ADAPTER_NAMES = {"translate-train": "lora-default", "xmixup": "xmixup", "input-fusion": "inputfusion",
+                 "flare-mt": "flare-fusemt"}
 STAGE1_MERGE = ("none", "exact", "requantize")
 STAGE1_TOLERANCE = 1e-5  # largest |logit| difference between the fresh stage-2 model and the stage-1 model
 # examples of the first validation batch that the start check runs: a decoder's full-vocabulary logits of a
@@ -130,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mt_model", default=None, help="FLARE MT encoder: nllb-600m, nllb-3.3b or a local NLLB folder")
     p.add_argument("--input_fusion", action="store_true",
                    help="input-level fusion baseline: English + target in one input, max_length doubled")
+    p.add_argument("--xmixup", action="store_true",
+                   help="X-Mixup (Yang et al., 2022): the target's states after self-attention attend to the English "
+                        "source's in the mixed layers and are mixed with them (ratio from the attention entropy); "
+                        "loss alpha*CE(en) + (1-alpha)*CE(target) + KL + MSE; the target alone at test time")
+    p.add_argument("--xmixup_layers", nargs=2, type=int, default=None, metavar=("START", "END"),
+                   help="X-Mixup's mixed layers [START, END) (default: X-Mixup's 1 20 of 24 layers, scaled to the "
+                        "model's depth: 1 10 for 12 layers, 1 27 for 32)")
+    p.add_argument("--xmixup_alpha", type=float, default=0.4,
+                   help="X-Mixup: weight of the English cross-entropy (the target's is 1 - alpha; default 0.4)")
+    p.add_argument("--xmixup_lambda0", type=float, default=0.5,
+                   help="X-Mixup: the largest mixing ratio, lambda = lambda0 * sigmoid(w * entropy + b) (default 0.5)")
+    p.add_argument("--xmixup_kl", type=float, default=1.0,
+                   help="X-Mixup: weight of KL(p_en || p_target) (default 1; 0 turns it off; extractive QA has none)")
+    p.add_argument("--xmixup_mse", type=float, default=1.0,
+                   help="X-Mixup: weight of the MSE between the first-token representations (decoders: the last "
+                        "prompt token's; default 1; 0 turns it off)")
     p.add_argument("--cache_source_states", action="store_true",
                    help="FLARE / FLARE MT: compute each example's English layer inputs (MT: NLLB states) once, keep "
                         "them in CPU memory and reuse them every epoch and validation (the source model is frozen). "
@@ -163,6 +181,7 @@ class Stage2Config(RunConfig):
     cache_source_mb: float
     validation_set: str
     eval_stage2: Path | None = None  # a trained stage-2 run evaluated again (no training)
+    xmixup_layers: tuple[int, int] | None = None  # X-Mixup's mixed layers [start, end)
 
     NOT_RECORDED: ClassVar[tuple[str, ...]] = (*RunConfig.NOT_RECORDED, "mt_spec")
 
@@ -178,6 +197,10 @@ def resolve_mode(args: argparse.Namespace) -> str:
     """The mode the flags ask for; contradictory or incomplete flags raise :class:`UsageError`."""
     if args.fusion_fn and args.input_fusion:
         raise UsageError("--fusion_fn and --input_fusion are two different methods; pass one of them")
+    xmixup = getattr(args, "xmixup", False)
+    if xmixup and (args.fusion_fn or args.input_fusion):
+        raise UsageError(f"--xmixup and {'--fusion_fn' if args.fusion_fn else '--input_fusion'} are two different "
+                         "methods; pass one of them")
     if args.fuse_mt and not args.fusion_fn:
         raise UsageError("--fuse_mt needs --fusion_fn (e.g. --fusion_fn add_relu): FLARE MT fuses with it")
     if args.fuse_mt and not args.mt_model:
@@ -186,7 +209,7 @@ def resolve_mode(args: argparse.Namespace) -> str:
         raise UsageError("--mt_model is only used by FLARE MT; add --fuse_mt --fusion_fn ... or drop --mt_model")
     evals = [name for name, on in (("--eval_zs", args.eval_zs), ("--translate-test", args.translate_test)) if on]
     trains = [name for name, on in (("--adapter", args.adapter), ("--fusion_fn", args.fusion_fn),
-                                    ("--input_fusion", args.input_fusion)) if on]
+                                    ("--input_fusion", args.input_fusion), ("--xmixup", xmixup)) if on]
     if len(evals) > 1 or (evals and trains):
         raise UsageError(f"{' and '.join(evals + trains)} select different modes; run them separately")
     if args.eval_zs:
@@ -202,6 +225,8 @@ def resolve_mode(args: argparse.Namespace) -> str:
         raise UsageError(f"--adapter {args.adapter!r} is not supported; the only adapter is 'lora'")
     if args.input_fusion:
         return "input-fusion"
+    if xmixup:
+        return "xmixup"
     if args.fusion_fn:
         return "flare-mt" if args.fuse_mt else "flare"
     return "translate-train"
@@ -217,8 +242,8 @@ def run_name(args: argparse.Namespace, src: str, tgt: str, plm_name: str) -> str
     if args.path_mt:
         name += f"-{Path(args.path_mt).name}"
     for flag, suffix in (("translate_test", "-ttest"), ("translate_train", "-ttrain"), ("fuse_mt", "-fusemt"),
-                         ("input_fusion", "-inputfusion")):
-        if getattr(args, flag):
+                         ("input_fusion", "-inputfusion"), ("xmixup", "-xmixup")):
+        if getattr(args, flag, False):
             name += suffix
     if getattr(args, "validation_set", "translated") == "target":
         name += "-valtarget"
@@ -235,7 +260,7 @@ def evaluated_run_args(args: argparse.Namespace) -> argparse.Namespace:
         saved = read_run_config(run)
     except CheckpointError as e:
         raise UsageError(f"--eval_stage2 {run}: {e}") from e
-    if saved.get("mode") not in ("translate-train", "input-fusion", "flare", "flare-mt"):
+    if saved.get("mode") not in ("translate-train", "xmixup", "input-fusion", "flare", "flare-mt"):
         raise UsageError(f"--eval_stage2 {run}: not a trained stage-2 run (mode {saved.get('mode')!r}); pass a run "
                          "directory of run.py with --adapter lora")
     if saved.get("stage1_merge", "none") != "none":
@@ -247,6 +272,44 @@ def evaluated_run_args(args: argparse.Namespace) -> argparse.Namespace:
     merged.update(given, output_dir=args.output_dir, device=args.device, eval_stage2=str(run),
                   resume_from_checkpoint=None, eval_only=False)
     return argparse.Namespace(**merged)
+
+
+XMIXUP_DEFAULTS = {"xmixup_alpha": 0.4, "xmixup_lambda0": 0.5, "xmixup_kl": 1.0, "xmixup_mse": 1.0}
+
+
+def check_xmixup(args: argparse.Namespace, mode: str, spec: ModelSpec, load_ckpt: Path) -> tuple[int, int] | None:
+    """X-Mixup's flags, checked before any model is loaded; returns the mixed layers [start, end) (None for other
+    modes). The model's depth is read from the stage-1 adapter's tensor names."""
+    from flare.files import adapter_layer_count
+    from flare.models.xmixup import default_layers
+
+    given = [f"--{k}" for k, v in XMIXUP_DEFAULTS.items() if getattr(args, k, v) != v]
+    if getattr(args, "xmixup_layers", None) is not None:
+        given.insert(0, "--xmixup_layers")
+    if mode != "xmixup":
+        if given:
+            raise UsageError(f"{' '.join(given)} only apply to X-Mixup: add --xmixup or drop them")
+        return None
+    if spec.no_xmixup:
+        raise UsageError(f"--xmixup with --plm {args.plm} ({spec.model_type}): {spec.no_xmixup}")
+    if args.gradient_checkpointing:
+        raise UsageError("--xmixup with --gradient_checkpointing: a recomputed layer cannot tell X-Mixup's English "
+                         "pass from its target pass; drop --gradient_checkpointing (or lower --batch_size and use "
+                         "--grad_accum)")
+    for flag in ("xmixup_alpha", "xmixup_lambda0"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise UsageError(f"--{flag} {getattr(args, flag)} must lie in [0, 1]")
+    for flag in ("xmixup_kl", "xmixup_mse"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} {getattr(args, flag)} is a loss weight: 0 or more")
+    n_layers = adapter_layer_count(load_ckpt, spec.layers)
+    start, end = args.xmixup_layers if args.xmixup_layers is not None else default_layers(n_layers)
+    if not 0 <= start < end:
+        raise UsageError(f"--xmixup_layers {start} {end}: need 0 <= START < END (layers [START, END) are mixed)")
+    if n_layers and end > n_layers:
+        raise UsageError(f"--xmixup_layers {start} {end}: the model has {n_layers} layers (0..{n_layers - 1}); END "
+                         f"must be at most {n_layers}")
+    return start, end
 
 
 def resolve_config(args: argparse.Namespace) -> Stage2Config:
@@ -318,6 +381,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
     if args.cross_attention_heads <= 0 or args.lora_r % args.cross_attention_heads:
         raise UsageError(f"--cross_attention_heads {args.cross_attention_heads} must be positive and divide "
                          f"--lora_r {args.lora_r}")
+    xmixup_layers = check_xmixup(args, mode, spec, load_ckpt)
     if args.cache_source_states and not args.fusion_fn:
         raise UsageError("--cache_source_states caches FLARE's source pass; it needs --fusion_fn (FLARE or FLARE MT)")
     check_positive(args, (*POSITIVE, "cache_source_mb"))
@@ -350,6 +414,7 @@ def resolve_config(args: argparse.Namespace) -> Stage2Config:
         stage1_merge=args.stage1_merge, cross_attention_heads=args.cross_attention_heads,
         cache_source_states=args.cache_source_states, cache_source_mb=args.cache_source_mb,
         validation_set=args.validation_set, eval_stage2=Path(args.eval_stage2) if args.eval_stage2 else None,
+        xmixup_layers=xmixup_layers,
         opts=TrainingOptions.from_args(args), args=vars(args).copy(),
     )
 
@@ -388,7 +453,8 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
     if cfg.mode == "zero-shot":
         return Stage2Data(None, None, limit(target_test, o.max_eval_samples), counts)
     dirs = translation_dirs(cfg.path_mt, src, tgt)
-    with_source = cfg.mode in ("flare", "input-fusion")
+    with_source = cfg.mode in ("flare", "input-fusion")  # the English beside the target at test time
+    train_source = with_source or cfg.mode == "xmixup"  # X-Mixup reads the English in training only
 
     def test_set():
         if not with_source:  # translate-train LoRA and FLARE MT see only the target language at test time
@@ -408,11 +474,13 @@ def load_data(cfg: Stage2Config) -> Stage2Data:
     if task == "tydiqa" and train_split != "train":
         raise UsageError("--train_split validation: TyDiQA translations have no validation file; its validation set "
                          "is every 10th translated training row")
-    train_df = read_translation(dirs.forward, task, train_split, src, tgt, dirs.mt_name, need_source=with_source)
-    train = paired_train(task, train_df, with_source=with_source)
+    train_df = read_translation(dirs.forward, task, train_split, src, tgt, dirs.mt_name, need_source=train_source)
+    train = paired_train(task, train_df, with_source=train_source)
     counts["train_dropped_projection"] = train.dropped
     if task == "tydiqa":
         train_ds, val_ds = split_qa_validation(train.dataset)
+        if train_source and not with_source:  # X-Mixup validates on the target alone
+            val_ds = val_ds.remove_columns([c for c in val_ds.column_names if c.startswith("src_")])
     else:
         if train_split == "validation":
             logger.warning("--train_split validation: training AND validating on the translated validation set")
@@ -462,6 +530,19 @@ def make_fusion(model, cfg: Stage2Config, tokenizer, mt=None):
                   mt_encoder=mt, cache_source_states=cfg.cache_source_states,
                   cache_limit_mb=cfg.cache_source_mb, state_dtype=autocast_dtype(o),
                   autocast_dtype=autocast_dtype(o)).attach()
+
+
+def make_xmixup(model, cfg: Stage2Config):
+    """X-Mixup's hooks, gates and loss on the model with its new adapter (None for the other modes)."""
+    from flare.models.xmixup import XMixup
+
+    if cfg.mode != "xmixup":
+        return None
+    a = cfg.args
+    start, end = cfg.xmixup_layers
+    return XMixup(model, layers=cfg.spec.layers, family=cfg.spec.family, start=start, end=end,
+                  lambda0=a["xmixup_lambda0"], alpha=a["xmixup_alpha"], kl_weight=a["xmixup_kl"],
+                  mse_weight=a["xmixup_mse"], qa=TASKS[cfg.task].kind == "qa").attach()
 
 
 def load_trained_adapter(model, cfg: Stage2Config, tokenizer, mt=None):
@@ -545,6 +626,8 @@ def _features(cfg: Stage2Config, ds, tokenizer, mt, train: bool):
         mt.lang_token_id(code)
         kwargs = dict(mt_tokenizer=mt.tokenizer, mt_lang_code=code)
     mode = cfg.mode if cfg.mode in ("flare", "flare-mt", "input-fusion") else "plain"
+    if cfg.mode == "xmixup" and train:
+        mode = "xmixup"  # the English training side with its labels; evaluation reads the target alone
     return ds.map(lambda b: stage2_features(b, task=cfg.task, spec=cfg.spec, tokenizer=tokenizer,
                                             max_length=cfg.max_length, doc_stride=o.doc_stride, train=train,
                                             mode=mode, **kwargs),
@@ -584,6 +667,7 @@ def run(cfg: Stage2Config) -> dict:
         probe = {k: v.to(cfg.device) for k, v in PadCollator(tokenizer.pad_token_id, tokenizer.padding_side,
                                                               keep=keep, pad_values=pad_values)(list(rows)).items()}
     model, fusion, start = build_model(cfg, tokenizer, probe, mt)
+    xmixup = make_xmixup(model, cfg) if cfg.trains else None
     param_total, param_train = count_parameters(model)
     logger.info("mode %s: %d parameters, %d trainable (%.3f%%)", cfg.mode, param_total, param_train,
                 100 * param_train / max(param_total, 1))
@@ -613,7 +697,7 @@ def run(cfg: Stage2Config) -> dict:
             data_collator=PadCollator(tokenizer.pad_token_id, tokenizer.padding_side, keep=keep,
                                       pad_values=pad_values),
             processing_class=tokenizer, evaluator=val_eval, fusion=fusion, source_columns=source_cols,
-            save_adapters=(NEW,) if stacked else None,
+            save_adapters=(NEW,) if stacked else None, xmixup=xmixup,
         )
         t0 = time.time()
         train_out = trainer.train(resume_from_checkpoint=resume_checkpoint(o.resume_from_checkpoint, cfg.run_dir))
@@ -625,6 +709,10 @@ def run(cfg: Stage2Config) -> dict:
             save_adapter(model, cfg.run_dir)
             if fusion is not None:
                 fusion.save(cfg.run_dir)
+            if xmixup is not None:
+                xmixup.save(cfg.run_dir)
+        if xmixup is not None:  # the mean mixing ratio per mixed layer over the last epoch's target positions
+            results.update(xmixup_layers=list(cfg.xmixup_layers), xmixup_lambda_last_epoch=xmixup.lambda_means())
     calls_train = fusion.calls["train"] if fusion else 0
 
     if not cfg.trains:

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAINING_SCRIPTS = ("run.py", "run_task_ft.py")  # jobs that train: checkpoints to resume from, DDP over several GPUs
 EVAL_ONLY_FLAGS = ("--eval_only", "--translate-test")  # run.py / run_task_ft.py runs that train nothing
 HELD_EXIT = 3  # the sweep's exit status when nothing failed but jobs were left to another sweep
-MODES = ("zero-shot", "translate-test", "lora", "input-fusion", "flare", "flare-mt")
+MODES = ("zero-shot", "translate-test", "lora", "xmixup", "input-fusion", "flare", "flare-mt")
 
 
 @dataclass
@@ -122,6 +122,7 @@ def mode_flags(mode: str, fn: str, forward: Path, backward: Path, mt_model: str)
         "zero-shot": ["--eval_zs", "--eval_only"],
         "translate-test": ["--translate-test", "--path_mt", str(backward)],
         "lora": train,
+        "xmixup": [*train, "--xmixup"],
         "input-fusion": [*train, "--input_fusion"],
         "flare": [*train, "--fusion_fn", fn],
         "flare-mt": [*train, "--fusion_fn", fn, "--fuse_mt", "--mt_model", mt_model],

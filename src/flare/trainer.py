@@ -5,6 +5,9 @@ With a :class:`~flare.models.fusion.Fusion` (stage 2, FLARE), every training ste
 ``fusion.source(batch)``: the source pass happens once per step, and the source stays set through ``backward()``
 so gradient-checkpointed layers fuse again when they recompute. The fusion modules (cross-attention, FLARE MT
 projection) are saved into every checkpoint and reloaded with the best one or on resume.
+
+With an :class:`~flare.models.xmixup.XMixup`, the loss of every training step is X-Mixup's two-pass loss (its gates
+are saved and reloaded like the fusion modules); evaluation reads the target alone.
 """
 
 from __future__ import annotations
@@ -81,14 +84,18 @@ class FlareTrainer(Trainer):
     adapter under it); None saves every adapter, as Trainer does."""
 
     def __init__(self, *args, evaluator: Evaluator, fusion=None, source_columns: tuple[str, ...] = (),
-                 save_adapters: tuple[str, ...] | None = None, **kwargs):
+                 save_adapters: tuple[str, ...] | None = None, xmixup=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.processing_class is not None and (changed := align_special_tokens(self.model,
                                                                                   self.processing_class)):
             logger.debug("model config takes the tokenizer's special tokens: %s", changed)
         self.evaluator, self.fusion, self.source_columns = evaluator, fusion, tuple(source_columns)
         self.save_adapters = save_adapters
-        if not is_causal_lm(self.model):
+        self.xmixup = xmixup  # X-Mixup (its loss runs the source and the target pass of every training batch)
+        self._xmixup_epoch = None
+        # the modules saved beside the adapter in every checkpoint and reloaded with it
+        self.extra_modules = [m for m in (fusion, xmixup) if m is not None]
+        if not is_causal_lm(self.model) or xmixup is not None:
             # A peft model's forward takes **kwargs, so Trainer believes the model normalises its loss by
             # num_items_in_batch across devices and accumulation steps, and scales the loss by the number of
             # processes (and skips dividing it by the accumulation steps). Classification and QA heads ignore
@@ -116,6 +123,16 @@ class FlareTrainer(Trainer):
             write_json_atomic(folder / RUNTIME_FILE, self._runtime_so_far())
         super()._save_checkpoint(model, trial)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.xmixup is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        epoch = int(self.state.epoch or 0)  # the λ statistics cover the current (finally: the last) epoch
+        if epoch != self._xmixup_epoch:
+            self.xmixup.reset_lambda_stats()
+            self._xmixup_epoch = epoch
+        loss = self.xmixup.loss(model, inputs)  # a mean over the batch: the Trainer scales it for accumulation
+        return (loss, None) if return_outputs else loss
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.fusion is None:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -142,19 +159,21 @@ class FlareTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        if self.fusion is not None and self.args.should_save:  # distributed: rank 0 writes
-            self.fusion.save(output_dir)
+        if self.args.should_save:  # distributed: rank 0 writes
+            for extra in self.extra_modules:
+                extra.save(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.fusion is not None:
-            self.fusion.load(resume_from_checkpoint)
+        for extra in self.extra_modules:
+            extra.load(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
         best = self.state.best_model_checkpoint
-        if self.fusion is not None and best and Path(best).is_dir():
-            self.fusion.load(best)
+        if best and Path(best).is_dir():
+            for extra in self.extra_modules:
+                extra.load(best)
 
     def summary(self, train_out, seconds: float) -> dict:
         """What a finished training run reports in ``results_*.json`` (both stages): runtime (``seconds`` of this

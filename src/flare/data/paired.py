@@ -124,6 +124,8 @@ def paired_train(task: str, df: pd.DataFrame, *, with_source: bool = True, limit
         out.update({f"src_{f}": [str(x) for x in df[f]] for f in fields})
     if task == "tydiqa":
         out["answers"] = [_answers(a) for a in df[translated("answers")]]
+        if with_source and "answers" in df.columns:  # the English answers (X-Mixup trains on the source too)
+            out["src_answers"] = [_answers(a) for a in df["answers"]]
         out["id"] = [str(i) for i in df["id"]] if "id" in df.columns else [str(i) for i in range(len(df))]
         keep = [i for i, (c, a) in enumerate(zip(out["context"], out["answers"])) if _projected_ok(c, a)]
         dropped = len(out["id"]) - len(keep)

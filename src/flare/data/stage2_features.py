@@ -10,6 +10,8 @@
   A decoder prompt that does not fit is shortened inside its long field for the model, and the MT text is that same
   shortened prompt (shortened further, the same way, if the MT tokenizer needs more tokens): both keep the
   template's end (the original cut the MT text on the right).
+* ``xmixup`` (training only): ``src_*`` English training features with their labels (see
+  :func:`xmixup_source_features`); evaluation features are the plain target ones.
 * ``input-fusion``: English and target in one input (formats of the original, see ``INPUT_FUSION_TEMPLATES``); the
   English part gets at most half of the (doubled) ``max_length``. Encoders use the tokenizer's pair encoding, so
   the two texts are separated (the original concatenated NusaX texts with no separator).
@@ -100,6 +102,26 @@ def source_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_l
     return {k: v for k, v in enc.items() if k in MODEL_KEYS}, list(range(len(enc["input_ids"])))
 
 
+XMIXUP_KEYS = (*MODEL_KEYS, "labels", "start_positions", "end_positions")
+
+
+def xmixup_source_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_length: int, doc_stride: int,
+                           sample_map: list[int]) -> dict:
+    """X-Mixup's English training side, one per target feature: the English training features WITH their labels
+    (decoders: prompt + answer, labels on the answer; encoder QA: doc-stride windows of the English question +
+    context labelled with the English answer, window k for target window k as FLARE pairs them)."""
+    view = source_view(batch, task)
+    if spec.family == "decoder":
+        enc, pick = decoder_features(view, task, tokenizer, max_length, train=True), sample_map
+    elif TASKS[task].kind == "cls":
+        enc, pick = encoder_cls_features(view, task, tokenizer, max_length), sample_map
+    else:
+        view["answers"] = batch["src_answers"]
+        enc = qa.prepare_train_features(view, tokenizer, max_length, doc_stride, keep_sample_map=True)
+        pick = match_windows(sample_map, enc["sample_map"])
+    return {SOURCE_PREFIX + k: [enc[k][i] for i in pick] for k in XMIXUP_KEYS if k in enc}
+
+
 def match_windows(sample_map: list[int], owners: list[int]) -> list[int]:
     """For each target feature (window k of example ``sample_map[f]``), the source sequence to fuse with: window k of
     the same example's source, or its last window if the source has fewer."""
@@ -156,6 +178,11 @@ def stage2_features(batch: dict, *, task: str, spec: ModelSpec, tokenizer, max_l
         pick = match_windows(sample_map, owners)
         for key, values in source.items():
             out[SOURCE_PREFIX + key] = [values[i] for i in pick]
+    elif mode == "xmixup":
+        if not train:
+            raise ValueError("X-Mixup's source side is for training only: evaluation reads the target alone")
+        out.update(xmixup_source_features(batch, task=task, spec=spec, tokenizer=tokenizer, max_length=max_length,
+                                          doc_stride=doc_stride, sample_map=sample_map))
     elif mode == "flare-mt":
         mt = mt_features(batch, task=task, spec=spec, tokenizer=tokenizer, mt_tokenizer=mt_tokenizer,
                          mt_lang_code=mt_lang_code, max_length=max_length, train=train)
