@@ -1,5 +1,6 @@
-"""The newer model families, each a FAMILY_DEFAULTS row: a tiny model through stage 1 and FLARE (fusion counted), and
-the one family FLARE cannot serve (Phi-3's fused q/k/v) refused with the reason."""
+"""The newer model families, each a FAMILY_DEFAULTS row: a tiny model through stage 1, FLARE (fusion counted) and
+X-Mixup (its mixed layer ran), and the families a method cannot serve refused with the reason (FLARE: Phi-3's fused
+q/k/v; X-Mixup: XLM-R XL's pre-LN attention block)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def test_family_runs_stage1_and_flare(families, family, capsys):
     train = ["--task", "nusax", "--plm", plm, "--target_lang", "jav", "--output_dir", str(out), "--load_ckpt",
              str(stage1_dir), "--adapter", "lora", "--translate-train", "--path_mt",
              str(families / "tr" / "nusax" / "translate-jav-reference"), *FAST]
+    check_xmixup(out, family, train, capsys)
     if spec.no_fusion:  # Phi-3: LoRA trains on the fused projections; FLARE is refused with the reason
         assert stage2.main(train) == 0
         res = json.loads(next(out.glob(f"nusax-en-jav-{family}-2-lora-8-*/results_test.json")).read_text())
@@ -52,6 +54,19 @@ def test_family_runs_stage1_and_flare(families, family, capsys):
     layers, fused = 2, 2  # tiny models: 2 layers, fusion into the query and value projections
     assert res["fusion_calls_train"] == layers * fused  # one training step
     assert res["fusion_calls_eval"] > 0 and res["stage1_start_max_abs_diff"] == 0.0
+
+
+def check_xmixup(out: Path, family: str, train: list[str], capsys) -> None:
+    """X-Mixup on the family: its mixed layer ran (a mean λ recorded) from the exact stage-1 start; XLM-R XL (pre-LN,
+    no LayerNorm after the attention residual) is refused by name before a model loads."""
+    code = stage2.main([*train, "--xmixup"])
+    if family == "xlm-roberta-xl":
+        assert code == 2 and "pre-LN" in capsys.readouterr().err
+        return
+    assert code == 0
+    res = json.loads(next(out.glob(f"nusax-en-jav-{family}-2-lora-8-*-xmixup/results_test.json")).read_text())
+    assert res["mode"] == "xmixup" and res["stage1_start_max_abs_diff"] == 0.0
+    assert 0 < res["xmixup_lambda_last_epoch"]["1"] < 0.5
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "xlm-roberta", "bert", "nllb", *EXTRA_FAMILIES])
