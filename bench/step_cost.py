@@ -8,7 +8,9 @@ tokenizer; decoders add their prompt template and a 2-token answer):
 * ``lora``: plain LoRA on the target input;
 * ``flare``: the same + the no-grad English source pass (stopped after the last fused layer) + fusion
   (add, add_relu, mul, cross-attention);
-* ``input-fusion``: plain LoRA on English + target in one input (about twice as long).
+* ``input-fusion``: plain LoRA on English + target in one input (about twice as long);
+* ``xmixup``: X-Mixup's two trained passes (English with its labels, then the target mixed with it in the mixed
+  layers; ``flare.models.xmixup``, default layers) and its loss.
 
 Models: ``me5-small`` (the real encoder, CPU), ``llama-small-4bit`` (random, 4 layers, width 512, 32k vocab, NF4),
 ``llama3.1-8b-4bit`` (random weights shaped like Llama 3.1 8B, NF4, bf16 compute; a GPU). The new adapter is LoRA
@@ -149,6 +151,14 @@ def make_batch(pairs, mode: str, decoder: bool, vocab: int, device: str, gen, mt
         batch["labels"] = torch.randint(0, 3, (len(pairs),), generator=gen).to(device)
     if mode == "flare":
         batch["src_input_ids"], batch["src_attention_mask"] = pad(src)
+    if mode == "xmixup":  # the English training side with its labels (decoders: prompt + the same answer)
+        batch["src_input_ids"], batch["src_attention_mask"] = pad([e + extra for e, _ in pairs])
+        if decoder:
+            batch["src_labels"] = torch.full_like(batch["src_input_ids"], -100)
+            batch["src_labels"][:, -2:] = batch["labels"][:, -2:]
+            batch["src_input_ids"][:, -2:] = batch["labels"][:, -2:]
+        else:
+            batch["src_labels"] = batch["labels"].clone()
     if mode == "flare-mt":  # the NLLB encoder reads the target text (decoders: the prompt without its answer)
         batch["mt_input_ids"], batch["mt_attention_mask"] = pad([j + extra - 2 for _, j in pairs], mt_vocab)
     return batch
@@ -176,6 +186,7 @@ CELLS = {
     "flare-mt add_relu": ("flare-mt", "add_relu", False, True),
     "flare-mt add_relu, cached": ("flare-mt", "add_relu", True, True),
     "input-fusion": ("input-fusion", None, False, False),
+    "xmixup": ("xmixup", None, False, False),
 }
 
 
@@ -204,9 +215,17 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
             fusions[name] = Fusion(model, layers=spec.layers, targets=spec.fusion_targets, adapter="default",
                                    fusion_fn=fn, padding_side=spec.padding_side, causal=decoder,
                                    mt_encoder=mt if use_mt else None, cache_source_states=cache)
+    xmixup = None
+    if "xmixup" in cells:
+        from flare.models.fusion import find_layers
+        from flare.models.xmixup import XMixup, default_layers
+
+        start, end = default_layers(len(find_layers(model, spec.layers)))
+        xmixup = XMixup(model, layers=spec.layers, family=spec.family, start=start, end=end)
     # every fusion registers its modules on the model (the last one's under flare_fusion): each parameter once
     params = list({id(q): q for q in [*(q for q in model.parameters() if q.requires_grad),
-                                      *(q for f in fusions.values() for q in f.modules.parameters())]}.values())
+                                      *(q for f in fusions.values() for q in f.modules.parameters()),
+                                      *(xmixup.gates.parameters() if xmixup else ())]}.values())
     opt = torch.optim.AdamW(params, lr=1e-5)
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
     times = {c: [] for c in cells}
@@ -220,6 +239,15 @@ def measure(model_key: str, args, pairs_all: list, mt) -> list[dict]:
         model.train(train)
         if fusion is not None:
             fusion.attach()
+        if name == "xmixup" and train:
+            xmixup.attach()
+            try:
+                xmixup.loss(model, batch).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            finally:
+                xmixup.detach()
+            return
         try:
             with torch.set_grad_enabled(train), fusion.source(batch) if fusion is not None else _null():
                 out = model(**inputs)
@@ -349,11 +377,14 @@ def score_agreement(args) -> dict:
 
 
 GOALS = {"flare": 1.30, "flare, cached": 1.10, "flare-mt": 1.15, "flare / input-fusion": 0.75, "score speedup": 5.0}
+EXPECTED = {"xmixup": 2.0}  # not a goal: X-Mixup trains two passes per step, about twice LoRA's
 
 
 def cell_name(row: dict) -> str:
+    if not row["fusion_fn"]:
+        return {"xmixup": "X-Mixup"}.get(row["mode"], row["mode"])
     return (f"{'FLARE MT' if row['mode'] == 'flare-mt' else 'FLARE'} {row['fusion_fn']}"
-            f"{', cached' if row['cached'] else ''}") if row["fusion_fn"] else row["mode"]
+            f"{', cached' if row['cached'] else ''}")
 
 
 def table(out: dict) -> str:
@@ -367,7 +398,8 @@ def table(out: dict) -> str:
     for row in out["rows"]:
         by_model.setdefault(row["model"], {})[cell_name(row)] = row
     lines += ["", "| model | FLARE add_relu / LoRA (goal <= 1.30) | cached (<= 1.10) | FLARE MT (<= 1.15) | "
-              "FLARE MT cached | FLARE add_relu / input fusion (<= 0.75) |", "|---|---|---|---|---|---|"]
+              "FLARE MT cached | FLARE add_relu / input fusion (<= 0.75) | X-Mixup / LoRA (about 2) |",
+              "|---|---|---|---|---|---|---|"]
     for model, cells in by_model.items():
         def ratio(name, cells=cells):  # "-" for a cell not measured (--cells)
             return f"{cells[name]['ratio_to_lora']:.2f}" if name in cells else "-"
@@ -375,7 +407,8 @@ def table(out: dict) -> str:
         fl, inp = cells.get("FLARE add_relu"), cells.get("input-fusion")
         to_input = f"{fl['train_step_ms'] / inp['train_step_ms']:.2f}" if fl and inp else "-"
         lines.append(f"| {model} | {ratio('FLARE add_relu')} | {ratio('FLARE add_relu, cached')} "
-                     f"| {ratio('FLARE MT add_relu')} | {ratio('FLARE MT add_relu, cached')} | {to_input} |")
+                     f"| {ratio('FLARE MT add_relu')} | {ratio('FLARE MT add_relu, cached')} | {to_input} "
+                     f"| {ratio('X-Mixup')} |")
     if out.get("eval_modes"):
         lines += ["", "| decoder classification | generate examples/s | score examples/s | "
                   "score speedup (goal >= 5) |", "|---|---|---|---|"]
@@ -441,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"machine": f"{device_name}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
            "date": datetime.date.today().isoformat(), "device": args.device, "batch_size": 8,
            "lengths": Path(args.lengths).name, "quick": args.quick, "cells": args.cells,
-           "mt_shape": args.mt_shape, "goals": GOALS,
+           "mt_shape": args.mt_shape, "goals": GOALS, "expected": EXPECTED,
            "rows": rows, "eval_modes": eval_modes, "score_agreement": agreement,
            "bench_wall_s": round(time.perf_counter() - t_start, 1)}
     name = f"step_cost{'_cuda' if cuda else ''}{'_quick' if args.quick else ''}.json"
