@@ -30,6 +30,11 @@ Two conditions (``--mt``), each in its own results folder:
   ``results/embedded-nusax-lexical-valtarget``) selects instead on the target-language validation set paired as the
   test set is: the fusion modes read its lexical English, as they do at test time.
 
+``--xmixup`` adds the paper's X-Mixup baseline as a row (``run.py --xmixup``): under ``--mt reference`` its budget is
+chosen on the same validation data from the same candidates (only its own budget runs are trained; the other rows'
+are the committed study's), and the lexical condition keeps it, as for every row; its runs join the condition's
+results folder and tables.
+
 ``--equal_budget E`` is the ablation of the fusion functions without the budget confound: FLARE with every function
 of ``--fns`` (default all four) trained for E epochs in every language and seed (runs already trained for E epochs
 by the grid are reused), collected into their own folder (``results/embedded-nusax-equal-budget``) and compared
@@ -63,6 +68,7 @@ STAGE1_ARGS = "--epochs 3 --lr 5e-4 --batch_size 8 --num_evals 3 --group_by_leng
 STAGE2_ARGS = "--lr 5e-4 --batch_size 8 --group_by_length --save_total_limit 1"
 FUSION_FNS = ("add", "add_relu", "mul", "cross-attention")
 TRAINING_ROWS = (("lora", None), ("input-fusion", None), *(("flare", fn) for fn in FUSION_FNS))
+XMIXUP_ROW = ("xmixup", None)  # the paper's X-Mixup baseline (--xmixup): a row of its own, budget chosen the same way
 KEPT = ("results_*.json", "predictions_*.jsonl", "run_config.json")
 
 
@@ -86,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--equal_budget", type=int, metavar="EPOCHS", default=None,
                    help="ablation: FLARE with every function of --fns (default all four) trained for EPOCHS epochs, "
                         "compared with add_relu (results default results/embedded-nusax[-MT]-equal-budget)")
+    p.add_argument("--xmixup", action="store_true",
+                   help="add the X-Mixup row (run.py --xmixup): its budget chosen like the other rows' (--mt "
+                        "reference: on --select_lang validation, only its own budget runs are trained; the other "
+                        "rows' come from the committed study), kept by the lexical condition; its runs join the "
+                        "condition's results folder")
     p.add_argument("--validation_set", choices=("translated", "target"), default="translated",
                    help="run.py --validation_set of the training rows: target = select each checkpoint on the "
                         "target-language validation set paired as the test set is (the fusion modes read its MT "
@@ -143,7 +154,15 @@ def grid_dir(args, epochs: int | None) -> Path:
 
 def training_rows(args) -> list[tuple[str, str | None]]:
     fns = args.fns or (FUSION_FNS if args.mt == "reference" or args.equal_budget else ("add_relu", "mul"))
-    return [(m, fn) for m, fn in TRAINING_ROWS if (fn is None and not args.equal_budget) or fn in fns]
+    rows = [(m, fn) for m, fn in TRAINING_ROWS if (fn is None and not args.equal_budget) or fn in fns]
+    if getattr(args, "xmixup", False) and not args.equal_budget:
+        rows.insert(1, XMIXUP_ROW)  # after LoRA, as in the paper's tables
+    return rows
+
+
+def selection_rows(args) -> list[tuple[str, str | None]]:
+    """Every row whose budget the oracle condition chooses."""
+    return [*TRAINING_ROWS, *([XMIXUP_ROW] if getattr(args, "xmixup", False) else [])]
 
 
 def selection_seed(args) -> int:
@@ -156,10 +175,16 @@ def selection_seed(args) -> int:
 
 
 def run_selection(args) -> bool:
+    """The budget runs of every row, except those the committed study already holds (a fresh machine adding the
+    X-Mixup row trains only X-Mixup's)."""
     ok = True
+    committed = Path(args.budgets_from) / "selection"
     for epochs in args.budgets:
-        for mode in ("lora", "input-fusion", "flare"):
+        for mode in ("lora", "input-fusion", "flare", *(["xmixup"] if getattr(args, "xmixup", False) else [])):
             fns = list(FUSION_FNS) if mode == "flare" else None
+            if all(result_of(committed / f"epochs-{epochs}", mode, fn, args.select_lang, selection_seed(args))
+                   for fn in (fns or [None])):
+                continue
             ok &= run_sweep(sweep_argv(args, langs=[args.select_lang], seeds=[selection_seed(args)], modes=[mode],
                                        fns=fns, output_dir=select_dir(args, epochs),
                                        stage2=budget_args(mode, epochs)))
@@ -191,9 +216,12 @@ def choose_budgets(args) -> dict:
             raise SystemExit(f"error: --mt {args.mt} keeps the budgets of the oracle study, but {oracle} is missing; "
                              "run the oracle condition first or pass --budgets_from")
         chosen = json.loads(oracle.read_text())["selection"]["chosen"]
+        if (missing := [row_name(m, fn) for m, fn in training_rows(args) if row_name(m, fn) not in chosen]):
+            raise SystemExit(f"error: {oracle} chose no budget for {', '.join(missing)}; run the oracle condition "
+                             "with the same rows first (e.g. python scripts/embedded_nusax_study.py --xmixup)")
         return {row_name(m, fn): chosen[row_name(m, fn)] for m, fn in training_rows(args)}
     choice = {}
-    for mode, fn in TRAINING_ROWS:
+    for mode, fn in selection_rows(args):
         scores = {}
         for epochs in args.budgets:
             roots = [select_dir(args, epochs), Path(args.budgets_from) / "selection" / f"epochs-{epochs}"]
@@ -277,6 +305,7 @@ def collect(args, choice: dict) -> None:
         "validation_set": args.validation_set,
         "selection": selection, **extra, "command": " ".join(
             ["python scripts/embedded_nusax_study.py", *([f"--mt {args.mt}"] if args.mt != "reference" else []),
+             *(["--xmixup"] if getattr(args, "xmixup", False) else []),
              *([f"--equal_budget {args.equal_budget}"] if args.equal_budget else []),
              *(["--validation_set target"] if args.validation_set == "target" else [])]),
     })

@@ -103,3 +103,51 @@ def test_validation_set_target_runs_the_training_rows_with_the_flag_into_their_o
         assert Path(argv[argv.index("--output_dir") + 1]).parent == work / "grid-lexical-valtarget"
     assert study.main(["--validation_set", "target", "--work_dir", str(work)]) == 2
     assert "use it with --mt lexical" in capsys.readouterr().err
+
+
+def test_xmixup_adds_its_row_and_trains_only_its_own_budget_runs(tmp_path, monkeypatch):
+    """`--xmixup` on a fresh machine: the selection trains X-Mixup's budget runs only (the other rows' are in the
+    committed study), its budget is chosen on their validation scores and joins the chosen budgets; the grid trains
+    it after LoRA; the lexical condition needs the oracle's X-Mixup budget and says how to get it."""
+    study = load_study_script()
+    work, calls = tmp_path / "work", []
+    oracle = REPO / "results" / "embedded-nusax"
+
+    def fake_sweep(argv):
+        calls.append(argv)
+        if argv[argv.index("--modes") + 1] == "xmixup" and "/select/" in argv[argv.index("--output_dir") + 1]:
+            out = Path(argv[argv.index("--output_dir") + 1])
+            epochs = int(out.name.split("-")[1])
+            d = out / f"nusax-en-ind-me5-small-1-xmixup-{epochs}"
+            d.mkdir(parents=True)
+            (d / "results_test.json").write_text(json.dumps({"mode": "xmixup", "fusion_fn": None, "target_lang":
+                                                             "ind", "seed": 1, "validation_best": {1: 0.5, 3: 0.7,
+                                                                                                   6: 0.6}[epochs]}))
+        return True
+
+    monkeypatch.setattr(study, "run_sweep", fake_sweep)
+    monkeypatch.setattr(study, "collect", lambda args, choice: None)
+    monkeypatch.setattr("flare.report.main", lambda argv: 0)
+    assert study.main(["--xmixup", "--seeds", "1", "--work_dir", str(work), "--budgets_from", str(oracle),
+                       "--phase", "select"]) == 0
+    assert [a[a.index("--modes") + 1] for a in calls] == ["xmixup"] * 3  # 1, 3, 6 epochs; nothing else
+    args = study.build_parser().parse_args(["--xmixup", "--seeds", "1", "--work_dir", str(work), "--budgets_from",
+                                            str(oracle)])
+    choice = study.choose_budgets(args)
+    assert choice["xmixup"] == {"epochs": 3, "validation": {"1": 0.5, "3": 0.7, "6": 0.6}}
+    committed = json.loads((oracle / "study.json").read_text())["selection"]["chosen"]
+    assert {k: v["epochs"] for k, v in choice.items() if k != "xmixup"} == {k: v["epochs"] for k, v in
+                                                                             committed.items()}
+    assert study.training_rows(args)[:2] == [("lora", None), ("xmixup", None)]
+    calls.clear()
+    assert study.main(["--xmixup", "--seeds", "1", "--work_dir", str(work), "--budgets_from", str(oracle),
+                       "--phase", "grid"]) == 0
+    xm = [a for a in calls if a[a.index("--modes") + 1] == "xmixup"]
+    assert len(xm) == 1 and "--epochs 3 --num_evals 3" in xm[0][xm[0].index("--stage2_args") + 1]
+    # the lexical condition keeps the oracle's budgets: the committed oracle study has none for X-Mixup yet
+    lexical = study.build_parser().parse_args(["--mt", "lexical", "--xmixup", "--budgets_from", str(oracle)])
+    try:
+        study.choose_budgets(lexical)
+        raise AssertionError("no error")
+    except SystemExit as e:
+        assert "chose no budget for xmixup" in str(e) and "--xmixup" in str(e)
