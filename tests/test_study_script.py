@@ -151,3 +151,59 @@ def test_xmixup_adds_its_row_and_trains_only_its_own_budget_runs(tmp_path, monke
         raise AssertionError("no error")
     except SystemExit as e:
         assert "chose no budget for xmixup" in str(e) and "--xmixup" in str(e)
+
+
+def test_tydiqa_study_chooses_the_stage1_rate_on_english_dev_and_runs_every_cell(tmp_path, monkeypatch):
+    """scripts/embedded_tydiqa_study.py (issue 32) with a fake sweep: the selection trains stage 1 of the first seed
+    per learning rate; the best English dev F1 chooses (ties to the smaller); zero-shot runs the eight languages seed
+    by seed, translate-train LoRA / input fusion / FLARE run Indonesian with the lexical MT; collect writes study.json."""
+    spec = importlib.util.spec_from_file_location("embedded_tydiqa_study", REPO / "scripts" / "embedded_tydiqa_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    work, calls = tmp_path / "work", []
+    f1 = {"3e-4": 0.41, "1e-3": 0.44}
+
+    def fake_sweep(argv):
+        calls.append(argv)
+        stage1 = Path(argv[argv.index("--stage1_dir") + 1])
+        lr = stage1.name.split("-", 1)[1]
+        for seed in argv[argv.index("--seeds") + 1:argv.index("--modes")]:
+            d = stage1 / f"tydiqa-en-me5-small-{seed}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "results_test.json").write_text(json.dumps({"seed": int(seed), "test_f1": f1[lr]}))
+        return True
+
+    monkeypatch.setattr(study, "run_sweep", fake_sweep)
+    monkeypatch.setattr("flare.report.main", lambda argv: 0)
+    results = tmp_path / "results"
+    assert study.main(["--work_dir", str(work), "--results", str(results)]) == 0
+    select = [a for a in calls if "/select/" in a[a.index("--output_dir") + 1]]
+    assert [a[a.index("--stage1_args") + 1].split("--lr ")[1] for a in select] == ["3e-4", "1e-3"]
+    assert all(a[a.index("--seeds") + 1:a.index("--modes")] == ["1"] for a in select)
+    grid = [a for a in calls if a not in select]
+    assert all("--lr 1e-3" in a[a.index("--stage1_args") + 1] for a in grid)  # the better English dev F1
+    zero = [a for a in grid if a[a.index("--modes") + 1] == "zero-shot"]
+    assert len(zero) == 3 and zero[0][zero[0].index("--langs") + 1:zero[0].index("--seeds")] == list(study.TARGETS)
+    train = [a for a in grid if a[a.index("--modes") + 1] != "zero-shot"]
+    assert sorted(a[a.index("--modes") + 1] for a in train) == sorted(study.TRAIN_MODES * 3)
+    assert all(a[a.index("--mt") + 1] == "lexical" and a[a.index("--langs") + 1] == "id" for a in train)
+    meta = json.loads((results / "study.json").read_text())
+    assert meta["task"] == "tydiqa" and meta["stage1_selection"]["lr"] == "1e-3"
+    assert meta["stage1_selection"]["english_dev_f1"] == f1 and meta["selection"] is None
+    assert (results / "stage1" / "tydiqa-en-me5-small-2" / "results_test.json").is_file()
+    assert (results / "stage1-candidates" / "lr-3e-4" / "results_test.json").is_file()
+
+
+def test_sweep_names_runs_with_the_canonical_language_code(tmp_path):
+    """`--langs id` (TyDiQA's Indonesian) names the run and translation folders as run.py does (ind): a finished
+    job is recognised as finished."""
+    from flare import sweep
+
+    args = sweep.build_parser().parse_args(
+        ["--task", "tydiqa", "--plm", "me5-small", "--langs", "id", "bn", "--modes", "zero-shot", "lora", "--seeds",
+         "1", "--mt", "lexical", "--output_dir", str(tmp_path / "ck"), "--translations", str(tmp_path / "tr")])
+    jobs = {j.name: j for j in sweep.plan(args)}
+    (done,) = jobs["zero-shot ind seed 1"].done_files
+    assert done.parent.name == "tydiqa-en-ind-me5-small-1"
+    (done,) = jobs["lora ben seed 1"].done_files
+    assert done.parent.name == "tydiqa-en-ben-me5-small-1-lora-8-translate-ben-lexical-ttrain"

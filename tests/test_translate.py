@@ -441,3 +441,32 @@ def test_mt_quality_levels_mix_lexical_and_human_rows_by_a_seeded_hash(tmp_path)
         assert entry["mix"]["rows_lexical"] == sum(chosen) and entry["mix"]["fraction"] == q / 100
         chrf[q] = entry["against_human"]["chrf"]
     assert chrf[25] > chrf[75] > 28  # between the human translation (100) and the lexical MT (28.8)
+
+
+def test_lexical_mt_translates_tydiqa_indonesian_from_nusax_pairs_and_projects_every_answer(tmp_path, capsys):
+    """Issue 32: TyDiQA is not parallel, so its lexical MT learns from NusaX's English-Indonesian TRAINING pairs;
+    the answer markers survive the word-by-word translation and every projected answer is the translated context's
+    text at its start; meta.json says what the MT learned from (no human translation to score against), in the
+    canonical folder (id -> ind) that run.py reads; other TyDiQA languages are refused with the ones it can do."""
+    assert run_translate.main(["--task", "tydiqa", "--source_lang", "en", "--target_lang", "id", "--model",
+                               "lexical", "--data_dir", DATA, "--output_dir", str(tmp_path)]) == 0
+    folder = tmp_path / "tydiqa" / "translate-ind-lexical"
+    meta = json.loads((folder / "meta.json").read_text())
+    train = meta["splits"]["train_en-ind"]
+    assert train["trained_on"]["task"] == "nusax" and train["trained_on"]["translates"] == "tydiqa"
+    assert train["against_human"] is None and train["answers_lost"] == 0 and train["answers_projected"] == 900
+    df = pd.read_parquet(folder / "train_en-ind.parquet")
+    for ctx, ans, en in zip(df["context_translated"], df["answers_translated"], df["context"]):
+        start, text = int(ans["answer_start"][0]), str(ans["text"][0])
+        assert ctx[start:start + len(text)] == text and text and '"' not in ctx  # markers gone, span exact
+    assert (df["context_translated"] != df["context"]).all()  # translated, not copied
+    assert run_translate.main(["--task", "tydiqa", "--source_lang", "id", "--target_lang", "en", "--model",
+                               "lexical", "--data_dir", DATA, "--output_dir", str(tmp_path), "--splits", "test"]) == 0
+    assert (tmp_path / "tydiqa" / "translate-en-lexical" / "test_ind-en.parquet").is_file()
+    capsys.readouterr()
+    assert run_translate.main(["--task", "tydiqa", "--source_lang", "en", "--target_lang", "sw", "--model",
+                               "lexical", "--data_dir", DATA, "--output_dir", str(tmp_path)]) == 2
+    assert "nusax training pairs, which have no sw" in capsys.readouterr().err
+    assert run_translate.main(["--task", "tydiqa", "--source_lang", "en", "--target_lang", "id", "--model",
+                               "lexical-q50", "--data_dir", DATA, "--output_dir", str(tmp_path / "q")]) == 2
+    assert "does not have; use --model lexical" in capsys.readouterr().err

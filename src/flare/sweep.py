@@ -190,7 +190,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 def plan(args: argparse.Namespace) -> list[Job]:
     from flare import stage2
+    from flare.data import check_task_language
     from flare.data.layout import mt_name, translation_files, translation_folder  # (flare.data imports datasets)
+
+    # the languages' canonical codes (TyDiQA's id is ind, bn ben): the names run.py gives its run directories and
+    # translation folders, so that a finished job is recognised as finished
+    args = argparse.Namespace(**{**vars(args), "source_lang": check_task_language(args.task, args.source_lang),
+                                 "langs": [check_task_language(args.task, lang) for lang in args.langs]})
 
     plm_name = model_name(args.plm)
     out, tr = Path(args.output_dir), Path(args.translations)

@@ -271,11 +271,26 @@ def reference_split(task: str, src: str, tgt: str, split: str, data_dir: str | P
     return df
 
 
+LEXICAL_CORPUS = {"tydiqa": "nusax"}  # a task without parallel text: the lexical MT learns from another's pairs
+
+
 def train_lexical(task: str, src: str, tgt: str, data_dir: str | Path | None):
     """The word-level statistical MT ``src -> tgt`` (flare.lexical_mt), trained on the TRAINING split's pairs only,
-    and what it was trained on (for meta.json)."""
+    and what it was trained on (for meta.json). TyDiQA is not parallel: its lexical MT learns from NusaX's training
+    pairs of the same two languages (English and Indonesian are the only TyDiQA languages NusaX has)."""
+    from flare.languages import task_languages
     from flare.lexical_mt import LexicalTranslator
 
+    corpus = LEXICAL_CORPUS.get(task, task)
+    if corpus != task:
+        missing = [lang for lang in (src, tgt) if lang not in task_languages(corpus)]
+        if missing:
+            both = sorted(set(task_languages(task)) & set(task_languages(corpus)))
+            raise TranslationError(f"--model lexical for {task} learns from the parallel {corpus} training pairs, "
+                                   f"which have no {', '.join(missing)}; the {task} languages it can translate: "
+                                   f"{', '.join(both)}")
+    task_of_task = task
+    task = corpus
     try:
         source = load_task(task, src, "train", data_dir)
         target = parallel_target(task, src, tgt, "train", data_dir, source, backend="lexical")
@@ -288,7 +303,9 @@ def train_lexical(task: str, src: str, tgt: str, data_dir: str | Path | None):
     pairs_tgt = [str(x) for f in FIELDS[task] for x in target[f]]
     model = LexicalTranslator(pairs_src, pairs_tgt)
     trained_on = dict(task=task, split="train", source_lang=src, target_lang=tgt, data_dir=data_dir,
-                      rows=len(source), fields=list(FIELDS[task]), **model.describe())
+                      rows=len(source), fields=list(FIELDS[task]), **model.describe(),
+                      **({"translates": task_of_task, "note": f"{task_of_task} is not parallel: the MT learned "
+                          f"from {task}'s training pairs (out of domain)"} if task_of_task != task else {}))
     return model, trained_on
 
 
@@ -369,6 +386,9 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
     if job.max_samples:
         sources = {s: d.select(range(min(job.max_samples, len(d)))) for s, d in sources.items()}
     translator, lexical = None, None
+    if mix is not None and job.task in LEXICAL_CORPUS:
+        raise TranslationError(f"--model {job.model} mixes the lexical MT with the human translation, which "
+                               f"{job.task} does not have; use --model lexical")
     if job.model == "lexical" or mix is not None:
         lexical, trained_on = train_lexical(job.task, src, tgt_lang.code, job.data_dir)
     elif nllb:
@@ -399,21 +419,24 @@ def run_job(job: TranslateJob, translator_factory: Callable[[], NLLBTranslator] 
         elif lexical is not None:
             df, counts = translate_split(job.task, ds, lambda _field, texts: lexical.translate(texts))
             stats.strings = len(ds) * len(FIELDS[job.task])
-            human = parallel_target(job.task, src, tgt_lang.code, split, job.data_dir, ds, backend=job.model)
-            if mix is not None:  # the rows the hash leaves to the human translation take it
-                ids = [str(i) for i in (df["id"] if "id" in df.columns else range(len(df)))]
-                lexical_rows = [takes_lexical(i, mix) for i in ids]
-                for f in FIELDS[job.task]:
-                    df[translated(f)] = [t if lex else str(h) for t, h, lex in
-                                         zip(df[translated(f)], human[f], lexical_rows)]
-                counts["mix"] = dict(fraction=mix, rows_lexical=sum(lexical_rows),
-                                     rows_human=len(lexical_rows) - sum(lexical_rows), seed=MIX_SEED)
-            hyp = [str(x) for f in FIELDS[job.task] for x in df[translated(f)]]
-            ref = [str(x) for f in FIELDS[job.task] for x in human[f]]
-            counts = dict(counts, trained_on=trained_on, against_human=dict(
-                **lexical_scores(hyp, ref), in_sample=split == "train",
-                note="the MT model was trained on this split" if split == "train" else
-                "the MT model never saw this split"))
+            if job.task in LEXICAL_CORPUS:  # not parallel: no human translation to score against
+                counts = dict(counts, trained_on=trained_on, against_human=None)
+            else:
+                human = parallel_target(job.task, src, tgt_lang.code, split, job.data_dir, ds, backend=job.model)
+                if mix is not None:  # the rows the hash leaves to the human translation take it
+                    ids = [str(i) for i in (df["id"] if "id" in df.columns else range(len(df)))]
+                    lexical_rows = [takes_lexical(i, mix) for i in ids]
+                    for f in FIELDS[job.task]:
+                        df[translated(f)] = [t if lex else str(h) for t, h, lex in
+                                             zip(df[translated(f)], human[f], lexical_rows)]
+                    counts["mix"] = dict(fraction=mix, rows_lexical=sum(lexical_rows),
+                                         rows_human=len(lexical_rows) - sum(lexical_rows), seed=MIX_SEED)
+                hyp = [str(x) for f in FIELDS[job.task] for x in df[translated(f)]]
+                ref = [str(x) for f in FIELDS[job.task] for x in human[f]]
+                counts = dict(counts, trained_on=trained_on, against_human=dict(
+                    **lexical_scores(hyp, ref), in_sample=split == "train",
+                    note="the MT model was trained on this split" if split == "train" else
+                    "the MT model never saw this split"))
         else:
             bar = tqdm(desc=f"{job.task} {split} {direction}", unit="str")
             waiting: list[str] = []  # fields with chunks of other shards still missing

@@ -19,7 +19,14 @@ TRANSLATED_SPLITS = {task: info.translated_splits for task, info in TASKS.items(
 
 
 def folder_name(tgt: str, mt: str) -> str:
-    """``translate-{tgt}-{mt}``: everything translated INTO ``tgt`` by ``mt``."""
+    """``translate-{tgt}-{mt}``: everything translated INTO ``tgt`` by ``mt``; ``tgt`` as its canonical code (TyDiQA's
+    ``id`` and ``indonesian`` are ``ind``), so the writer, its meta.json and every reader name one folder."""
+    from flare.languages import resolve
+
+    try:
+        tgt = resolve(tgt).code
+    except ValueError:
+        pass  # an unknown code fails where the language is checked, with the list of valid ones
     return f"{FOLDER_PREFIX}{tgt}-{mt}"
 
 
