@@ -697,3 +697,20 @@ def test_eval_stage2_refuses_what_is_not_a_trained_stage2_run(world, tmp_path, c
     assert stage2.main(["--eval_stage2", str(world["ck"] / "nusax-en-xlm-roberta-3"), "--output_dir",
                         str(tmp_path)]) == 2
     assert "not a trained stage-2 run" in capsys.readouterr().err
+
+
+def test_an_encoder_input_longer_than_its_positions_is_capped(world):
+    """Input-level fusion doubles max_length (TyDiQA: 384 -> 768), past XLM-R's and me5-small's 512 positions: it is
+    capped at the tokenizer's model_max_length (it failed inside the position embeddings); decoders are not."""
+    from types import SimpleNamespace
+
+    args = stage2.build_parser().parse_args(
+        ["--task", "tydiqa", "--plm", str(world["models"] / "xlm-roberta"), "--target_lang", "sw", "--seed", "3",
+         "--load_ckpt", str(world["ck"] / "tydiqa-en-xlm-roberta-3"), "--data_dir", str(DATA), "--adapter", "lora",
+         "--translate-train", "--path_mt", str(world["tr"] / "tydiqa" / "translate-sw-identity"), "--input_fusion",
+         "--max_length", "384"])
+    cfg = stage2.resolve_config(args)
+    assert cfg.max_length == 768
+    assert stage2.within_positions(cfg, SimpleNamespace(model_max_length=512)).max_length == 512
+    assert stage2.within_positions(cfg, SimpleNamespace(model_max_length=1024)).max_length == 768
+    assert stage2.within_positions(cfg, SimpleNamespace(model_max_length=int(1e30))).max_length == 768  # unset

@@ -634,6 +634,21 @@ def _features(cfg: Stage2Config, ds, tokenizer, mt, train: bool):
                   batched=True, remove_columns=ds.column_names, desc="train features" if train else "eval features")
 
 
+def within_positions(cfg: Stage2Config, tokenizer) -> Stage2Config:
+    """An encoder's inputs fit its position embeddings: input-level fusion doubles ``max_length`` (TyDiQA: 384 -> 768),
+    past XLM-R's and me5-small's 512 positions, which failed with an index error inside the embeddings. Capped at
+    the tokenizer's ``model_max_length``, with a warning; the run records the length it used."""
+    import dataclasses
+
+    limit = getattr(tokenizer, "model_max_length", None)
+    if cfg.spec.family != "encoder" or not limit or limit > 100_000 or cfg.max_length <= limit:
+        return cfg
+    logger.warning("!!! max_length %d (%s) exceeds the %d positions of %s: capped at %d", cfg.max_length,
+                   "input-level fusion doubles it" if cfg.mode == "input-fusion" else "--max_length", limit,
+                   cfg.plm_name, limit)
+    return dataclasses.replace(cfg, max_length=limit)
+
+
 def run(cfg: Stage2Config) -> dict:
     data = load_data(cfg)  # every file checked first: before the model code is even imported (it takes seconds)
     from transformers import set_seed
@@ -649,6 +664,7 @@ def run(cfg: Stage2Config) -> dict:
     setup_tracking(o)
     set_seed(cfg.seed)  # loading the data draws no random numbers
     tokenizer = load_tokenizer(cfg.spec)
+    cfg = within_positions(cfg, tokenizer)
     if cfg.spec.family == "decoder":  # before the model loads
         from flare.data.features import check_prompt_fits
 
