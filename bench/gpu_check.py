@@ -178,23 +178,31 @@ def stage1_part(check: Check, name: str, plm: Path, argv: list[str], out: Path, 
 
 
 def stage2_part(check: Check, name: str, plm: Path, argv: list[str], stage1_out: Path, out: Path,
-                translations: Path, precision: str | None, lang: str = "jav") -> None:
-    """FLARE add_relu (run.py) from the stage-1 run: one epoch, starts from stage 1 exactly, fuses."""
+                translations: Path, precision: str | None, lang: str = "jav", xmixup: bool = False) -> None:
+    """FLARE add_relu (run.py) from the stage-1 run: one epoch, starts from stage 1 exactly, fuses; ``xmixup``:
+    X-Mixup instead, its mixed layers ran (a mean λ per mixed layer)."""
     from flare import stage2
 
     def part(label):
         with check.part(label) as rec:
             expect(stage1_out.is_dir(), "its stage 1 did not run")
+            method = ["--xmixup"] if xmixup else ["--fusion_fn", "add_relu"]
             full = ["--plm", str(plm), *argv, "--target_lang", lang, "--load_ckpt", str(next(stage1_out.iterdir())),
-                    "--adapter", "lora", "--translate-train", "--fusion_fn", "add_relu",
+                    "--adapter", "lora", "--translate-train", *method,
                     "--path_mt", str(translations / "nusax" / f"translate-{lang}-reference"), "--output_dir", str(out)]
             expect(stage2.main(full) == 0, "run.py failed")
             res = results_of(next(out.iterdir()))
             rec.update({k: res.get(k) for k in ("train_steps", "epochs_trained", "precision", "train_runtime",
-                                                "stage1_start_max_abs_diff", "fusion_calls_train", "test_f1")})
+                                                "stage1_start_max_abs_diff", "fusion_calls_train", "test_f1",
+                                                "xmixup_layers", "xmixup_lambda_last_epoch")})
             expect(res["epochs_trained"] == 1, f"epochs_trained {res['epochs_trained']}, not 1")
             expect(res["stage1_start_max_abs_diff"] == 0.0, "stage 2 did not start from the stage-1 model exactly")
-            expect(res["fusion_calls_train"] > 0, "no fusion call in training")
+            if xmixup:
+                lam = res.get("xmixup_lambda_last_epoch") or {}
+                expect(bool(lam) and all(v is not None and 0 < v < 1 for v in lam.values()),
+                       f"X-Mixup's mixed layers did not run: {lam}")
+            else:
+                expect(res["fusion_calls_train"] > 0, "no fusion call in training")
             if precision:
                 expect(res["precision"] == precision, f"precision {res['precision']}, not {precision}")
 
@@ -363,12 +371,16 @@ def main(argv: list[str] | None = None) -> int:
             stage2_part(check, "llama: FLARE add_relu --epochs 1 (4-bit, --gradient_checkpointing, generate)",
                         models["llama"], [*llama, "--gradient_checkpointing"], work / "llama-stage1",
                         work / "llama-stage2", translations, expected("bf16"))
+            stage2_part(check, "llama: X-Mixup --epochs 1 (4-bit)", models["llama"], llama, work / "llama-stage1",
+                        work / "llama-xmixup", translations, expected("bf16"), xmixup=True)
         if "gemma2" in models:  # the 9B's shapes: head_dim 256, soft-capping, a tied 256k vocabulary
             gemma = [*nusax, *bf16, "--quantize", "4bit", "--eval_mode", "score"]
             stage1_part(check, "gemma2: stage 1 --epochs 1 (4-bit)", models["gemma2"], gemma, work / "gemma2-stage1",
                         expected("bf16"))
             stage2_part(check, "gemma2: FLARE add_relu --epochs 1 (4-bit)", models["gemma2"], gemma,
                         work / "gemma2-stage1", work / "gemma2-stage2", translations, expected("bf16"))
+            stage2_part(check, "gemma2: X-Mixup --epochs 1 (4-bit)", models["gemma2"], gemma,
+                        work / "gemma2-stage1", work / "gemma2-xmixup", translations, expected("bf16"), xmixup=True)
         if "xlmr" in models:
             xlmr = models["xlmr"]
             stage1_part(check, "xlmr: stage 1 --epochs 1 (no precision flag)", xlmr, nusax, work / "xlmr-stage1",

@@ -29,6 +29,10 @@ def test_gpu_check_runs_on_the_cpu_with_tiny_models(tmp_path, tiny_models):
         assert s1["ok"] and s1["epochs_trained"] == 1 and s1["precision"] == "fp32" and s1["world_size"] == 1
         assert s2["ok"] and s2["epochs_trained"] == 1 and s2["stage1_start_max_abs_diff"] == 0.0
         assert s2["fusion_calls_train"] > 0
+    for name in ("llama: X-Mixup --epochs 1 (4-bit)", "gemma2: X-Mixup --epochs 1 (4-bit)"):
+        xm = parts[name]
+        assert xm["ok"] and xm["stage1_start_max_abs_diff"] == 0.0 and xm["fusion_calls_train"] == 0
+        assert xm["xmixup_layers"] == [1, 2] and 0 < xm["xmixup_lambda_last_epoch"]["1"] < 0.5
     assert parts["xlmr: stage 1 --epochs 1 (--fp16)"]["ok"]  # (fp32 on a CPU)
     assert parts["tydiqa: stage 1 --epochs 1 (English, extractive QA)"]["ok"]
     assert parts["tydiqa: zero-shot sw"]["ok"] and parts["tydiqa: zero-shot sw"]["n_test"] > 0
@@ -52,5 +56,5 @@ def test_gpu_check_reruns_only_the_parts_asked_for(tmp_path, tiny_models):
     parts = json.loads(out.read_text())["parts"]
     ran = {name for name, r in parts.items() if r["ok"]}
     assert ran == {"setup: models and translations", "gemma2: stage 1 --epochs 1 (4-bit)",
-                   "gemma2: FLARE add_relu --epochs 1 (4-bit)"}
+                   "gemma2: FLARE add_relu --epochs 1 (4-bit)", "gemma2: X-Mixup --epochs 1 (4-bit)"}
     assert parts["step_cost: LoRA vs FLARE"]["skipped"] == "not in --parts"
