@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # runnable from a clone without an editable install
 
 from flare import sweep  # noqa: E402
-from flare.files import write_json_atomic  # noqa: E402
+from flare.files import copy_run_results, write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("flare.study")
 
@@ -69,7 +69,6 @@ STAGE2_ARGS = "--lr 5e-4 --batch_size 8 --group_by_length --save_total_limit 1"
 FUSION_FNS = ("add", "add_relu", "mul", "cross-attention")
 TRAINING_ROWS = (("lora", None), ("input-fusion", None), *(("flare", fn) for fn in FUSION_FNS))
 XMIXUP_ROW = ("xmixup", None)  # the paper's X-Mixup baseline (--xmixup): a row of its own, budget chosen the same way
-KEPT = ("results_*.json", "predictions_*.jsonl", "run_config.json")
 
 
 def row_name(mode: str, fn: str | None) -> str:
@@ -249,13 +248,6 @@ def run_grid(args, choice: dict) -> bool:
     return ok
 
 
-def copy_run(run_dir: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for pattern in KEPT:
-        for f in run_dir.glob(pattern):
-            shutil.copy2(f, dest / f.name)
-
-
 def collect(args, choice: dict) -> None:
     work, results = Path(args.work_dir), Path(args.results)
     grid = grid_dir(args, None).parent.name
@@ -279,7 +271,7 @@ def collect(args, choice: dict) -> None:
             rel = res.parent.relative_to(work / sub)
             if dest == "runs" and folder.get((run["mode"], run.get("fusion_fn"))) != rel.parts[0]:
                 continue
-            copy_run(res.parent, results / dest / rel)
+            copy_run_results(res.parent, results / dest / rel)
     # the MT's own record (what it was trained on, chrF/BLEU against the human translation), per direction
     for meta in sorted((work / "translations" / "nusax").glob(f"translate-*-{args.mt}/meta.json")):
         dest = results / "translations" / meta.parent.name

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # runnable from a clone without an editable install
 
 from flare import sweep  # noqa: E402
-from flare.files import write_json_atomic  # noqa: E402
+from flare.files import copy_run_results, write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("flare.study")
 
@@ -40,7 +40,6 @@ TARGETS = ("ar", "bn", "fi", "id", "ko", "ru", "sw", "te")
 STAGE1_ARGS = "--epochs 3 --batch_size 8 --num_evals 3 --save_total_limit 1"
 STAGE2_ARGS = "--epochs 3 --num_evals 3 --lr 5e-4 --batch_size 8 --save_total_limit 1"
 TRAIN_MODES = ("lora", "input-fusion", "flare")
-KEPT = ("results_*.json", "predictions_*.jsonl", "run_config.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,24 +126,17 @@ def run_train(args, lr: str) -> bool:
     return ok
 
 
-def copy_run(run_dir: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for pattern in KEPT:
-        for f in run_dir.glob(pattern):
-            shutil.copy2(f, dest / f.name)
-
-
 def collect(args, choice: dict) -> None:
     results, lr = Path(args.results), choice["lr"]
     for sub, dest in ((stage1_dir(args, lr), results / "stage1"), (grid_dir(args, lr), results / "runs")):
         for res in sorted(sub.glob("*/results_*.json")):
             run = json.loads(res.read_text())
             if run["seed"] in args.seeds:
-                copy_run(res.parent, dest / res.parent.name)
+                copy_run_results(res.parent, dest / res.parent.name)
     for lr_other in args.lrs:  # the candidates' stage-1 runs (their English dev scores chose the rate)
         res = stage1_result(args, lr_other, args.seeds[0])
         if res is not None and lr_other != lr:
-            copy_run(stage1_dir(args, lr_other) / f"tydiqa-en-{args.plm}-{args.seeds[0]}",
+            copy_run_results(stage1_dir(args, lr_other) / f"tydiqa-en-{args.plm}-{args.seeds[0]}",
                      results / "stage1-candidates" / f"lr-{lr_other}")
     for meta in sorted((Path(args.work_dir) / "translations" / "tydiqa").glob("translate-*-lexical/meta.json")):
         dest = results / "translations" / meta.parent.name

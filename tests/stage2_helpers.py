@@ -1,4 +1,5 @@
-"""Helpers shared by the stage-2 tests: identity "translations" for TyDiQA (no real MT can project answers here)."""
+"""Helpers shared by the stage-2 tests: their common flags, and identity "translations" for TyDiQA (no real MT can
+project answers here)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from pathlib import Path
 from flare.data import load_task
 from flare.data.layout import translated, translation_folder
 from flare.translate import output_path
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+# a few steps on a few rows of the real data: the stage-2 tests' common flags (TyDiQA adds QA)
+FAST = ["--data_dir", str(DATA), "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "2",
+        "--batch_size", "8", "--lr", "1e-3", "--seed", "3"]
+QA = ["--max_length", "192", "--doc_stride", "64", "--generate_max_tokens", "6"]
 
 
 def write_identity_tydiqa(out: Path, data_dir: Path, tgt: str = "sw", model: str = "identity", n: int = 40) -> Path:

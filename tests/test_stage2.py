@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from run_checks import assert_metrics_match_predictions
 from safetensors.torch import load_file
-from stage2_helpers import write_identity_tydiqa
+from stage2_helpers import FAST, QA, write_identity_tydiqa
 
 from flare import stage1, stage2
 from flare.models.fusion import FUSION_FILE, FUSION_FNS
@@ -20,9 +20,6 @@ from flare.translate import TranslateJob, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
-FAST = ["--data_dir", str(DATA), "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "2",
-        "--batch_size", "8", "--lr", "1e-3", "--seed", "3"]
-QA = ["--max_length", "192", "--doc_stride", "64", "--generate_max_tokens", "6"]
 
 
 @pytest.fixture(scope="module")

@@ -156,8 +156,10 @@ def test_xmixup_adds_its_row_and_trains_only_its_own_budget_runs(tmp_path, monke
 def test_tydiqa_study_chooses_the_stage1_rate_on_english_dev_and_runs_every_cell(tmp_path, monkeypatch):
     """scripts/embedded_tydiqa_study.py (issue 32) with a fake sweep: the selection trains stage 1 of the first seed
     per learning rate; the best English dev F1 chooses (ties to the smaller); zero-shot runs the eight languages seed
-    by seed, translate-train LoRA / input fusion / FLARE run Indonesian with the lexical MT; collect writes study.json."""
-    spec = importlib.util.spec_from_file_location("embedded_tydiqa_study", REPO / "scripts" / "embedded_tydiqa_study.py")
+    by seed, translate-train LoRA / input fusion / FLARE run Indonesian with the lexical MT; collect writes
+    study.json."""
+    spec = importlib.util.spec_from_file_location("embedded_tydiqa_study",
+                                                  REPO / "scripts" / "embedded_tydiqa_study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     work, calls = tmp_path / "work", []

@@ -456,7 +456,7 @@ def test_lexical_mt_translates_tydiqa_indonesian_from_nusax_pairs_and_projects_e
     assert train["trained_on"]["task"] == "nusax" and train["trained_on"]["translates"] == "tydiqa"
     assert train["against_human"] is None and train["answers_lost"] == 0 and train["answers_projected"] == 900
     df = pd.read_parquet(folder / "train_en-ind.parquet")
-    for ctx, ans, en in zip(df["context_translated"], df["answers_translated"], df["context"]):
+    for ctx, ans in zip(df["context_translated"], df["answers_translated"]):
         start, text = int(ans["answer_start"][0]), str(ans["text"][0])
         assert ctx[start:start + len(text)] == text and text and '"' not in ctx  # markers gone, span exact
     assert (df["context_translated"] != df["context"]).all()  # translated, not copied

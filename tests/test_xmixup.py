@@ -14,7 +14,7 @@ import pytest
 import torch
 from run_checks import assert_metrics_match_predictions
 from safetensors.torch import load_file
-from stage2_helpers import write_identity_tydiqa
+from stage2_helpers import FAST, QA, write_identity_tydiqa
 
 from flare import stage1, stage2
 from flare.common_args import UsageError
@@ -24,9 +24,6 @@ from flare.translate import TranslateJob, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
-FAST = ["--data_dir", str(DATA), "--max_train_samples", "16", "--max_eval_samples", "8", "--max_steps", "2",
-        "--batch_size", "8", "--lr", "1e-3", "--seed", "3"]
-QA = ["--max_length", "192", "--doc_stride", "64", "--generate_max_tokens", "6"]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +106,23 @@ def _capture(module, store, key, pre=False):
         lambda m, args, out: store.setdefault(key, []).append(out[0] if isinstance(out, tuple) else out))
 
 
+def _captured_passes(model, xm, source, target, layer, extra) -> dict:
+    """X-Mixup's two passes (no grad) with the mixed layer's inputs and outputs, and ``extra`` = (module, key,
+    pre-hook?), captured by hooks that run before X-Mixup's (its own output, unmixed)."""
+    store: dict = {}
+    xm.detach()
+    handles = [_capture(layer, store, "in", pre=True), _capture(layer, store, "out"),
+               _capture(extra[0], store, extra[1], pre=extra[2])]
+    xm.attach()
+    try:
+        with torch.no_grad():
+            xm.passes(model, source, target)
+    finally:
+        for h in handles:
+            h.remove()
+    return store
+
+
 def _heads(x, h):  # (B, L, H*d) -> (B, H, L, d)
     return x.view(x.shape[0], x.shape[1], h, -1).transpose(1, 2)
 
@@ -127,17 +141,7 @@ def test_encoder_mixed_layer_equals_a_hand_computation(world):
     λ = λ0·sigmoid(w·H + b) and H the mean entropy of both cross-attention directions."""
     model, xm, source, target = _xmixup_model(world, "xlm-roberta")
     layer = xm.layers[0]
-    store: dict = {}
-    xm.detach()
-    handles = [_capture(layer, store, "in", pre=True), _capture(layer, store, "out"),
-               _capture(layer.attention.output.LayerNorm, store, "ln_in", pre=True)]
-    xm.attach()
-    try:
-        with torch.no_grad():
-            xm.passes(model, source, target)
-    finally:
-        for h in handles:
-            h.remove()
+    store = _captured_passes(model, xm, source, target, layer, (layer.attention.output.LayerNorm, "ln_in", True))
     (x_s, x_t), (_, out_t) = store["in"], store["out"]
     att, cfg = layer.attention, model.get_base_model().config
     heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -174,17 +178,7 @@ def test_decoder_mixed_layer_equals_a_hand_computation(world):
     the source's prompt tokens only, λ_j from the running mean of the target-over-source entropy up to j."""
     model, xm, source, target = _xmixup_model(world, "llama")
     layer = xm.layers[0]
-    store: dict = {}
-    xm.detach()
-    handles = [_capture(layer, store, "in", pre=True), _capture(layer, store, "out"),
-               _capture(layer.self_attn, store, "attn")]
-    xm.attach()
-    try:
-        with torch.no_grad():
-            xm.passes(model, source, target)
-    finally:
-        for h in handles:
-            h.remove()
+    store = _captured_passes(model, xm, source, target, layer, (layer.self_attn, "attn", False))
     (x_s, x_t), (a_s, a_t), (_, out_t) = store["in"], store["attn"], store["out"]
     cfg, attn = model.get_base_model().config, layer.self_attn
     heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -251,7 +245,7 @@ def test_xmixup_without_mixing_and_extra_losses_is_translate_train_lora_step_for
                                   "--xmixup_lambda0", "0", "--xmixup_alpha", "0", "--xmixup_kl", "0",
                                   "--xmixup_mse", "0", plm=plm)) == 0
     lora_dir, xm_dir = next((tmp_path / "lora").iterdir()), next((tmp_path / "xm").iterdir())
-    lora, xm = load_file(str(lora_dir / "adapter_model.safetensors")), load_file(str(xm_dir / "adapter_model.safetensors"))
+    lora, xm = (load_file(str(d / "adapter_model.safetensors")) for d in (lora_dir, xm_dir))
     assert set(lora) == set(xm)
     for k in lora:
         assert torch.allclose(lora[k], xm[k], atol=1e-6, rtol=0), k

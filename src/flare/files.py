@@ -60,6 +60,19 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+RUN_RESULTS = ("results_*.json", "predictions_*.jsonl", "run_config.json")  # what a study commits of a run
+
+
+def copy_run_results(run_dir: Path, dest: Path, patterns: tuple[str, ...] = RUN_RESULTS) -> None:
+    """Copy a run's results, predictions and configuration (no checkpoints) into ``dest``."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for pattern in patterns:
+        for f in run_dir.glob(pattern):
+            shutil.copy2(f, dest / f.name)
+
+
 def safetensors_keys(path: Path) -> list[str]:
     """The tensor names of a (whole) safetensors file, read from its header with the standard library."""
     with path.open("rb") as f:
