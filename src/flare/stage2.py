@@ -274,7 +274,7 @@ def evaluated_run_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
-XMIXUP_DEFAULTS = {"xmixup_alpha": 0.4, "xmixup_lambda0": 0.5, "xmixup_kl": 1.0, "xmixup_mse": 1.0}
+XMIXUP_WEIGHTS = ("xmixup_alpha", "xmixup_lambda0", "xmixup_kl", "xmixup_mse")  # defaults: build_parser's
 
 
 def check_xmixup(args: argparse.Namespace, mode: str, spec: ModelSpec, load_ckpt: Path) -> tuple[int, int] | None:
@@ -283,7 +283,8 @@ def check_xmixup(args: argparse.Namespace, mode: str, spec: ModelSpec, load_ckpt
     from flare.files import adapter_layer_count
     from flare.models.xmixup import default_layers
 
-    given = [f"--{k}" for k, v in XMIXUP_DEFAULTS.items() if getattr(args, k, v) != v]
+    defaults = build_parser()
+    given = [f"--{k}" for k in XMIXUP_WEIGHTS if getattr(args, k, None) not in (None, defaults.get_default(k))]
     if getattr(args, "xmixup_layers", None) is not None:
         given.insert(0, "--xmixup_layers")
     if mode != "xmixup":
@@ -295,7 +296,7 @@ def check_xmixup(args: argparse.Namespace, mode: str, spec: ModelSpec, load_ckpt
     if args.gradient_checkpointing:
         raise UsageError("--xmixup with --gradient_checkpointing: a recomputed layer cannot tell X-Mixup's English "
                          "pass from its target pass; drop --gradient_checkpointing (or lower --batch_size and use "
-                         "--grad_accum)")
+                         "--gradient_accumulation_steps)")
     for flag in ("xmixup_alpha", "xmixup_lambda0"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             raise UsageError(f"--{flag} {getattr(args, flag)} must lie in [0, 1]")
