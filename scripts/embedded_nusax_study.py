@@ -42,8 +42,10 @@ with FLARE add_relu.
 
 FLARE runs with ``--cache_source_states`` (the
 same numbers as without, tested; about 30 % faster here). Finished runs are skipped, so an interrupted study resumes
-where it stopped. ``--reproduce RUN_NAME`` re-runs one committed cell from scratch (its stage 1 included) into a
-scratch folder and compares its metrics and predictions with the committed ones.
+where it stopped, and so are the cells already committed under ``--results`` (a fresh clone has the results but no
+checkpoints: adding a row or a seed trains only what is missing). ``--reproduce RUN_NAME`` re-runs one committed
+cell from scratch (its stage 1 included) into a scratch folder and compares its metrics and predictions with the
+committed ones.
 """
 
 from __future__ import annotations
@@ -234,17 +236,36 @@ def choose_budgets(args) -> dict:
     return choice
 
 
+def committed(args, mode: str, fn: str | None, lang: str, seed: int, epochs: int | None) -> bool:
+    """Whether the cell is committed under --results already (a fresh clone has the results but no checkpoints)."""
+    recorded = RESULT_MODE.get(mode, mode)
+    folder = Path(args.results) / "runs" / (f"epochs-{epochs}" if epochs else "eval-only")
+    for path in folder.glob(f"nusax-en-{lang}-*-{seed}*/results_*.json"):
+        res = json.loads(path.read_text())
+        if res.get("mode") == recorded and res.get("fusion_fn") == fn and res.get("seed") == seed:
+            return True
+    return False
+
+
 def run_grid(args, choice: dict) -> bool:
+    """Every cell of the grid that is not committed under --results yet (so that adding a row, e.g. --xmixup, on a
+    fresh clone trains that row only; --reproduce re-runs a committed cell)."""
     ok = True
+
+    def cells(mode, fn, seed, epochs, stage2):
+        langs = [lang for lang in args.langs if not committed(args, mode, fn, lang, seed, epochs)]
+        if not langs:
+            return True
+        return run_sweep(sweep_argv(args, langs=langs, seeds=[seed], modes=[mode], fns=[fn] if fn else None,
+                                    output_dir=grid_dir(args, epochs), stage2=stage2))
+
     for seed in args.seeds:  # seed by seed: an interruption leaves complete seeds
         if not args.equal_budget and args.validation_set != "target":  # (evaluation-only rows select nothing)
-            ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=["zero-shot", "translate-test"],
-                                       fns=None, output_dir=grid_dir(args, None), stage2=STAGE2_ARGS))
+            for mode in ("zero-shot", "translate-test"):
+                ok &= cells(mode, None, seed, None, STAGE2_ARGS)
         for mode, fn in training_rows(args):
             epochs = choice[row_name(mode, fn)]["epochs"]
-            ok &= run_sweep(sweep_argv(args, langs=args.langs, seeds=[seed], modes=[mode], fns=[fn] if fn else None,
-                                       output_dir=grid_dir(args, epochs),
-                                       stage2=budget_args(mode, epochs, args.validation_set)))
+            ok &= cells(mode, fn, seed, epochs, budget_args(mode, epochs, args.validation_set))
     return ok
 
 

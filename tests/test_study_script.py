@@ -41,6 +41,7 @@ def test_equal_budget_trains_every_function_for_the_same_epochs_and_collects_onl
     calls, collected, real_collect = [], [], study.collect
     monkeypatch.setattr(study, "run_sweep", lambda argv: calls.append(argv) or True)
     monkeypatch.setattr(study, "collect", lambda args, choice: collected.append(args.results))
+    monkeypatch.setattr(study, "committed", lambda *cell: False)  # as if nothing were committed yet
     monkeypatch.setattr("flare.report.main", lambda argv: 0)
     assert study.main(["--equal_budget", "3", "--seeds", "1", "2", "--work_dir", str(work)]) == 0
     assert collected == ["results/embedded-nusax-equal-budget"]  # the default folder: the condition's + suffix
@@ -92,6 +93,7 @@ def test_validation_set_target_runs_the_training_rows_with_the_flag_into_their_o
     work, calls, collected = tmp_path / "work", [], []
     monkeypatch.setattr(study, "run_sweep", lambda argv: calls.append(argv) or True)
     monkeypatch.setattr(study, "collect", lambda args, choice: collected.append(args.results))
+    monkeypatch.setattr(study, "committed", lambda *cell: False)  # as if nothing were committed yet
     monkeypatch.setattr("flare.report.main", lambda argv: 0)
     assert study.main(["--mt", "lexical", "--validation_set", "target", "--seeds", "1", "--work_dir", str(work),
                        "--budgets_from", str(REPO / "results" / "embedded-nusax")]) == 0
@@ -140,17 +142,64 @@ def test_xmixup_adds_its_row_and_trains_only_its_own_budget_runs(tmp_path, monke
                                                                              committed.items()}
     assert study.training_rows(args)[:2] == [("lora", None), ("xmixup", None)]
     calls.clear()
+    results = tmp_path / "results"  # an empty results folder: the grid trains every row
     assert study.main(["--xmixup", "--seeds", "1", "--work_dir", str(work), "--budgets_from", str(oracle),
-                       "--phase", "grid"]) == 0
+                       "--phase", "grid", "--results", str(results)]) == 0
     xm = [a for a in calls if a[a.index("--modes") + 1] == "xmixup"]
     assert len(xm) == 1 and "--epochs 3 --num_evals 3" in xm[0][xm[0].index("--stage2_args") + 1]
-    # the lexical condition keeps the oracle's budgets: the committed oracle study has none for X-Mixup yet
-    lexical = study.build_parser().parse_args(["--mt", "lexical", "--xmixup", "--budgets_from", str(oracle)])
+    assert [a[a.index("--modes") + 1] for a in calls][:4] == ["zero-shot", "translate-test", "lora", "xmixup"]
+    # the lexical condition keeps the oracle's budgets: an oracle study without an X-Mixup budget says how to get one
+    no_xmixup = tmp_path / "oracle-without-xmixup"
+    no_xmixup.mkdir()
+    meta = json.loads((oracle / "study.json").read_text())
+    meta["selection"]["chosen"].pop("xmixup", None)
+    (no_xmixup / "study.json").write_text(json.dumps(meta))
+    lexical = study.build_parser().parse_args(["--mt", "lexical", "--xmixup", "--budgets_from", str(no_xmixup)])
     try:
         study.choose_budgets(lexical)
         raise AssertionError("no error")
     except SystemExit as e:
         assert "chose no budget for xmixup" in str(e) and "--xmixup" in str(e)
+
+
+def test_the_grid_trains_only_the_cells_not_committed_yet(tmp_path, monkeypatch):
+    """A fresh clone has the committed results but no checkpoints: adding a row (--xmixup) trains that row only, and
+    only in the languages whose cell is not committed; a committed cell of another budget does not count."""
+    study = load_study_script()
+    work, results, calls = tmp_path / "work", tmp_path / "results", []
+    monkeypatch.setattr(study, "run_sweep", lambda argv: calls.append(argv) or True)
+    monkeypatch.setattr(study, "collect", lambda args, choice: None)
+    monkeypatch.setattr("flare.report.main", lambda argv: 0)
+    args = study.build_parser().parse_args(["--seeds", "1", "--budgets_from", str(REPO / "results" /
+                                                                                   "embedded-nusax")])
+    chosen = {row: c["epochs"] for row, c in study.choose_budgets(args).items()}
+
+    def commit(mode, fn, lang, epochs):
+        folder = results / "runs" / (f"epochs-{epochs}" if epochs else "eval-only")
+        d = folder / f"nusax-en-{lang}-me5-small-1-{mode}-{fn}"
+        d.mkdir(parents=True)
+        name = "results_zs.json" if mode == "zero-shot" else "results_test.json"
+        (d / name).write_text(json.dumps({"mode": study.RESULT_MODE.get(mode, mode), "fusion_fn": fn,
+                                          "target_lang": lang, "seed": 1}))
+
+    for lang in args.langs:
+        commit("zero-shot", None, lang, None)
+        commit("translate-test", None, lang, None)
+        for mode, fn in study.TRAINING_ROWS:
+            commit(mode, fn, lang, chosen[study.row_name(mode, fn)])
+    commit("xmixup", None, "jav", 3)  # X-Mixup's chosen budget below is 6 epochs: this cell is not the study's
+    commit("xmixup", None, "sun", 6)
+    oracle = tmp_path / "oracle"
+    oracle.mkdir()
+    meta = json.loads((REPO / "results" / "embedded-nusax" / "study.json").read_text())
+    meta["selection"]["chosen"]["xmixup"] = {"epochs": 6}
+    (oracle / "study.json").write_text(json.dumps(meta))
+    assert study.main(["--mt", "lexical", "--xmixup", "--seeds", "1", "--work_dir", str(work), "--budgets_from",
+                       str(oracle), "--results", str(results), "--phase", "grid"]) == 0
+    assert len(calls) == 1 and calls[0][calls[0].index("--modes") + 1] == "xmixup"
+    langs = calls[0][calls[0].index("--langs") + 1:calls[0].index("--seeds")]
+    assert langs == ["jav", "ace", "mad"]
+    assert "--epochs 6 --num_evals 6" in calls[0][calls[0].index("--stage2_args") + 1]
 
 
 def test_tydiqa_study_chooses_the_stage1_rate_on_english_dev_and_runs_every_cell(tmp_path, monkeypatch):
