@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference: on --select_lang validation, only its own budget runs are trained; the other "
                         "rows' come from the committed study), kept by the lexical condition; its runs join the "
                         "condition's results folder")
+    p.add_argument("--crossed", action="store_true",
+                   help="with an MT condition: the crossed evaluations (run.py --eval_stage2, no training of their "
+                        "own): the oracle-trained models of the rows that read English at test time (input fusion "
+                        "and FLARE with --fns, default add_relu) tested with the MT's English, the MT-trained ones "
+                        "with the gold English; the trained models are retrained where the work folder lacks them "
+                        "(results default: the condition's folder + -crossed; then python -m flare.crossed)")
     p.add_argument("--validation_set", choices=("translated", "target"), default="translated",
                    help="run.py --validation_set of the training rows: target = select each checkpoint on the "
                         "target-language validation set paired as the test set is (the fusion modes read its MT "
@@ -324,6 +330,78 @@ def collect(args, choice: dict) -> None:
     })
 
 
+def crossed_rows(args) -> list[tuple[str, str | None]]:
+    """The rows that read English at test time: input fusion and FLARE with --fns (default add_relu)."""
+    return [("input-fusion", None), *(("flare", fn) for fn in (args.fns or ("add_relu",)))]
+
+
+def run_path(folder: Path, mode: str, fn: str | None, lang: str, seed: int) -> Path | None:
+    """The run directory of a cell in a work folder (None if it is not there)."""
+    recorded = RESULT_MODE.get(mode, mode)
+    for path in sorted(folder.glob(f"nusax-en-{lang}-*-{seed}-*/results_test.json")):
+        res = json.loads(path.read_text())
+        if res.get("mode") == recorded and res.get("fusion_fn") == fn and res.get("seed") == seed \
+                and not res.get("evaluated_run"):
+            return path.parent
+    return None
+
+
+def run_crossed(args) -> int:
+    """Issue 29, item 4: which side of the MT drives an MT condition's result. Per seed, row and language: the
+    oracle-trained model and the MT-trained model (the study's budgets; trained again where the work folder has no
+    checkpoint: a fresh clone has only their results), then ``run.py --eval_stage2`` of each with the OTHER
+    condition's English of the target test set (the target text is the human test set in both). The evaluations
+    and their study.json go to --results; ``python -m flare.crossed`` analyses them."""
+    choice = choose_budgets(args)
+    work, results = Path(args.work_dir), Path(args.results)
+    suffix = "-valtarget" if args.validation_set == "target" else ""
+    out, tr = work / f"crossed-{args.mt}{suffix}", work / "translations" / "nusax"
+    conditions = {"reference": argparse.Namespace(**{**vars(args), "mt": "reference", "validation_set": "translated"}),
+                  args.mt: args}
+    evaluate = sweep.script_main("run.py")
+    ok = True
+    for seed in args.seeds:
+        for mode, fn in crossed_rows(args):
+            epochs = choice[row_name(mode, fn)]["epochs"]
+            for cond in conditions.values():  # the trained models (finished runs skip)
+                ok &= run_sweep(sweep_argv(cond, langs=args.langs, seeds=[seed], modes=[mode],
+                                           fns=[fn] if fn else None, output_dir=grid_dir(cond, epochs),
+                                           stage2=budget_args(mode, epochs, cond.validation_set)))
+            for lang in args.langs:
+                for trained, tested in (("reference", args.mt), (args.mt, "reference")):
+                    run = run_path(grid_dir(conditions[trained], epochs), mode, fn, lang, seed)
+                    if run is None:
+                        logger.error("no trained %s run of %s / %s / seed %d", trained, row_name(mode, fn), lang,
+                                     seed)
+                        ok = False
+                        continue
+                    path_mt = tr / f"translate-{lang}-{tested}"
+                    if (out / f"{run.name}-evaltest-{path_mt.name}" / "results_test.json").is_file():
+                        continue
+                    ok &= evaluate(["--eval_stage2", str(run), "--path_mt", str(path_mt),
+                                    "--output_dir", str(out)]) == 0
+    for res in sorted(out.glob("*/results_test.json")):
+        run = json.loads(res.read_text())
+        if run["seed"] in args.seeds and run["target_lang"] in args.langs:
+            copy_run_results(res.parent, results / "runs" / res.parent.name)
+    oracle_results = Path(args.budgets_from)
+    condition = Path(f"results/embedded-nusax-{args.mt}{suffix}")
+    write_json_atomic(results / "study.json", {
+        "model": args.plm, "task": "nusax", "languages": args.langs, "seeds": args.seeds, "translations": args.mt,
+        "crossed": {"oracle": str(oracle_results), "mt_condition": str(condition),
+                    "rows": [row_name(m, fn) for m, fn in crossed_rows(args)],
+                    "budgets": {row_name(m, fn): choice[row_name(m, fn)]["epochs"] for m, fn in crossed_rows(args)},
+                    "evaluation": "run.py --eval_stage2 RUN --path_mt <the other condition's translations>"},
+        "command": " ".join(["python scripts/embedded_nusax_study.py", f"--mt {args.mt} --crossed",
+                             *([f"--fns {' '.join(args.fns)}"] if args.fns else []),
+                             *(["--validation_set target"] if args.validation_set == "target" else [])])})
+    from flare import crossed
+
+    if crossed.main([str(oracle_results), str(condition), str(results)]) != 0:
+        ok = False
+    return 0 if ok else 1
+
+
 def reproduce(args, run_name: str) -> int:
     """Re-run one committed grid cell from scratch (its own stage 1 too) and compare."""
     results = Path(args.results)
@@ -363,10 +441,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --validation_set target with --mt reference: the human English of the validation set is its "
               "reference translation, the same data; use it with --mt lexical", file=sys.stderr)
         return 2
+    if args.crossed and (args.mt == "reference" or args.equal_budget or args.xmixup):
+        print("error: --crossed evaluates an MT condition's models against the oracle's: pass --mt lexical (or a "
+              "lexical-qNN level), without --equal_budget or --xmixup", file=sys.stderr)
+        return 2
     if args.results is None:
         args.results = ("results/embedded-nusax" + ("" if args.mt == "reference" else f"-{args.mt}")
                         + ("-equal-budget" if args.equal_budget else "")
-                        + ("-valtarget" if args.validation_set == "target" else ""))
+                        + ("-valtarget" if args.validation_set == "target" else "")
+                        + ("-crossed" if args.crossed else ""))
     from flare.common_args import setup_logging
 
     setup_logging()
@@ -376,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.reproduce:
         return reproduce(args, args.reproduce)
+    if args.crossed:
+        return run_crossed(args)
     ok = True
     if args.phase in ("all", "select") and args.mt == "reference" and not args.equal_budget:
         ok &= run_selection(args)

@@ -68,8 +68,9 @@ def load_study(root: Path) -> dict | None:
 
 
 def load_results(root: Path) -> list[dict]:
-    """Stage-2 results (not stage 1, not English->English checks) under ``root``; a study's budget-selection runs
-    (the folder its ``study.json`` names) are not part of its tables."""
+    """Stage-2 results (not stage 1, not English->English checks, not ``run.py --eval_stage2`` re-evaluations)
+    under ``root``; a study's budget-selection runs (the folder its ``study.json`` names) are not part of its
+    tables."""
     study = load_study(root)
     folder = ((study or {}).get("selection") or {}).get("folder")  # None: the budgets were kept from another study
     skip = root / folder if folder else None
@@ -82,6 +83,8 @@ def load_results(root: Path) -> list[dict]:
         except json.JSONDecodeError:
             logger.warning("skipping unreadable %s", path)
             continue
+        if res.get("evaluated_run"):
+            continue  # a trained run evaluated again with other test translations (flare.crossed reads those)
         if res.get("mode") in ROW_ORDER and res.get("target_lang") != res.get("source_lang"):
             res["_path"] = str(path)
             out.append(res)
