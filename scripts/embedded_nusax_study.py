@@ -98,12 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference: on --select_lang validation, only its own budget runs are trained; the other "
                         "rows' come from the committed study), kept by the lexical condition; its runs join the "
                         "condition's results folder")
-    p.add_argument("--crossed", action="store_true",
+    p.add_argument("--crossed", nargs="*", metavar="ROW", default=None,
+                   choices=("input-fusion", *(f"flare/{fn}" for fn in FUSION_FNS)),
                    help="with an MT condition: the crossed evaluations (run.py --eval_stage2, no training of their "
-                        "own): the oracle-trained models of the rows that read English at test time (input fusion "
-                        "and FLARE with --fns, default add_relu) tested with the MT's English, the MT-trained ones "
-                        "with the gold English; the trained models are retrained where the work folder lacks them "
-                        "(results default: the condition's folder + -crossed; then python -m flare.crossed)")
+                        "own) of these rows that read English at test time (default: input-fusion flare/add_relu): "
+                        "the oracle-trained models tested with the MT's English, the MT-trained ones with the gold "
+                        "English; the trained models are retrained where the work folder lacks them (results "
+                        "default: the condition's folder + -crossed; then python -m flare.crossed)")
     p.add_argument("--validation_set", choices=("translated", "target"), default="translated",
                    help="run.py --validation_set of the training rows: target = select each checkpoint on the "
                         "target-language validation set paired as the test set is (the fusion modes read its MT "
@@ -330,9 +331,13 @@ def collect(args, choice: dict) -> None:
     })
 
 
+CROSSED_ROWS = ("input-fusion", "flare/add_relu")  # --crossed without rows
+
+
 def crossed_rows(args) -> list[tuple[str, str | None]]:
-    """The rows that read English at test time: input fusion and FLARE with --fns (default add_relu)."""
-    return [("input-fusion", None), *(("flare", fn) for fn in (args.fns or ("add_relu",)))]
+    """--crossed's rows (all of them read English at test time), in the grid's order."""
+    rows = [tuple(r.split("/")) if "/" in r else (r, None) for r in (args.crossed or CROSSED_ROWS)]
+    return [row for row in (("input-fusion", None), *(("flare", fn) for fn in FUSION_FNS)) if row in rows]
 
 
 def run_path(folder: Path, mode: str, fn: str | None, lang: str, seed: int) -> Path | None:
@@ -393,7 +398,7 @@ def run_crossed(args) -> int:
                     "budgets": {row_name(m, fn): choice[row_name(m, fn)]["epochs"] for m, fn in crossed_rows(args)},
                     "evaluation": "run.py --eval_stage2 RUN --path_mt <the other condition's translations>"},
         "command": " ".join(["python scripts/embedded_nusax_study.py", f"--mt {args.mt} --crossed",
-                             *([f"--fns {' '.join(args.fns)}"] if args.fns else []),
+                             *args.crossed,
                              *(["--validation_set target"] if args.validation_set == "target" else [])])})
     from flare import crossed
 
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --validation_set target with --mt reference: the human English of the validation set is its "
               "reference translation, the same data; use it with --mt lexical", file=sys.stderr)
         return 2
-    if args.crossed and (args.mt == "reference" or args.equal_budget or args.xmixup):
+    if args.crossed is not None and (args.mt == "reference" or args.equal_budget or args.xmixup):
         print("error: --crossed evaluates an MT condition's models against the oracle's: pass --mt lexical (or a "
               "lexical-qNN level), without --equal_budget or --xmixup", file=sys.stderr)
         return 2
@@ -449,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         args.results = ("results/embedded-nusax" + ("" if args.mt == "reference" else f"-{args.mt}")
                         + ("-equal-budget" if args.equal_budget else "")
                         + ("-valtarget" if args.validation_set == "target" else "")
-                        + ("-crossed" if args.crossed else ""))
+                        + ("-crossed" if args.crossed is not None else ""))
     from flare.common_args import setup_logging
 
     setup_logging()
@@ -459,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.reproduce:
         return reproduce(args, args.reproduce)
-    if args.crossed:
+    if args.crossed is not None:
         return run_crossed(args)
     ok = True
     if args.phase in ("all", "select") and args.mt == "reference" and not args.equal_budget:

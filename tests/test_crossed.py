@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_study_script import load_study_script
 
 from flare import crossed, report
-from test_study_script import load_study_script
 
 N, LANGS, SEEDS = 200, ("jav", "sun"), (1, 2, 3)
 
@@ -151,9 +151,13 @@ def test_the_study_script_evaluates_each_model_with_the_other_conditions_english
     assert meta["crossed"]["rows"] == ["input-fusion", "flare/add_relu"]
     assert meta["command"] == "python scripts/embedded_nusax_study.py --mt lexical --crossed"
     assert analysed == [[argv[-1], "results/embedded-nusax-lexical", str(results)]]
-    # a re-run evaluates nothing again
+    # a re-run evaluates nothing again; rows can be chosen
     evals.clear()
     assert study.main(argv) == 0 and evals == []
+    sweeps.clear()
+    assert study.main([*argv[:2], "--crossed", "flare/add_relu", "flare/mul", *argv[3:]]) == 0
+    assert sorted(a[a.index("--fusion_fns") + 1] for a in sweeps) == ["add_relu", "add_relu", "mul", "mul"]
+    assert json.loads((results / "study.json").read_text())["command"].endswith("--crossed flare/add_relu flare/mul")
     # refused without an MT condition
     assert study.main(["--crossed", "--work_dir", str(work)]) == 2
     assert "pass --mt lexical" in capsys.readouterr().err
