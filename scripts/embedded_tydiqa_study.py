@@ -17,6 +17,10 @@
 4. Every run's ``results_*.json``, ``predictions_*.jsonl`` and ``run_config.json`` (no checkpoints), the stage-1 runs
    and the MT's meta.json go to ``--results`` (``results/embedded-tydiqa``) with ``study.json``; then
    ``python -m flare.report results/embedded-tydiqa`` writes the tables and the significance analysis.
+
+Finished runs skip, and so do the cells committed under ``--results`` and its committed choice of the rate (a fresh
+clone has the results but no checkpoints): seed by seed, ``--seeds 1``, then ``--seeds 1 2``, ``--seeds 1 2 3``,
+committing each, retrains only a seed's stage 1 and its missing cells.
 """
 
 from __future__ import annotations
@@ -81,7 +85,10 @@ def stage1_result(args, lr: str, seed: int) -> dict | None:
 
 
 def run_selection(args) -> bool:
-    """Stage 1 of the first seed for every candidate learning rate (the English dev set is its test set)."""
+    """Stage 1 of the first seed for every candidate learning rate (the English dev set is its test set), unless the
+    committed study chose among them already."""
+    if committed_choice(args) is not None:
+        return True
     ok = True
     for lr in args.lrs:
         # zero-shot on English = stage 1's own test set: a sweep needs a stage-2 mode, this one only reads it
@@ -90,11 +97,23 @@ def run_selection(args) -> bool:
     return ok
 
 
+def committed_choice(args) -> dict | None:
+    """The learning rate the committed study chose (a fresh clone has its results but no stage-1 runs), if it chose
+    among the same rates on the same seed."""
+    path = Path(args.results) / "study.json"
+    choice = json.loads(path.read_text()).get("stage1_selection") if path.is_file() else None
+    if choice and choice["seed"] == args.seeds[0] and sorted(choice["english_dev_f1"]) == sorted(args.lrs):
+        return choice
+    return None
+
+
 def choose_lr(args) -> dict:
     scores = {}
     for lr in args.lrs:
         res = stage1_result(args, lr, args.seeds[0])
         if res is None:
+            if (committed := committed_choice(args)) is not None:
+                return committed
             raise SystemExit(f"error: the stage-1 run with lr {lr} (seed {args.seeds[0]}) is missing under "
                              f"{stage1_dir(args, lr)}; run --phase select first")
         scores[lr] = res["test_f1"]
@@ -108,18 +127,38 @@ def grid_dir(args, lr: str) -> Path:
     return Path(args.work_dir) / "grid" / f"lr-{lr}"
 
 
+RESULT_MODE = {"lora": "translate-train"}  # the sweep's mode name -> the one run.py records
+
+
+def committed_cells(args) -> set[tuple[str, str, int]]:
+    """(recorded mode, language as given, seed) of every cell committed under --results: not trained again (a fresh
+    clone has the results but no checkpoints; pass every seed, the committed ones skip)."""
+    from flare.data import check_task_language
+
+    code = {check_task_language("tydiqa", lang): lang for lang in {*args.langs, args.train_lang}}
+    cells = set()
+    for path in (Path(args.results) / "runs").glob("*/results_*.json"):
+        res = json.loads(path.read_text())
+        if res.get("target_lang") in code:
+            cells.add((res["mode"], code[res["target_lang"]], res["seed"]))
+    return cells
+
+
 def run_zero_shot(args, lr: str) -> bool:
-    ok = True
+    ok, done = True, committed_cells(args)
     for seed in args.seeds:  # seed by seed: an interruption leaves whole seeds
-        ok &= run_sweep(sweep_argv(args, lr=lr, langs=args.langs, seeds=[seed], modes=["zero-shot"],
-                                   output_dir=grid_dir(args, lr)))
+        if langs := [lang for lang in args.langs if ("zero-shot", lang, seed) not in done]:
+            ok &= run_sweep(sweep_argv(args, lr=lr, langs=langs, seeds=[seed], modes=["zero-shot"],
+                                       output_dir=grid_dir(args, lr)))
     return ok
 
 
 def run_train(args, lr: str) -> bool:
-    ok = True
+    ok, done = True, committed_cells(args)
     for seed in args.seeds:
         for mode in TRAIN_MODES:
+            if (RESULT_MODE.get(mode, mode), args.train_lang, seed) in done:
+                continue
             stage2 = STAGE2_ARGS + (" --cache_source_states" if mode == "flare" else "")
             ok &= run_sweep(sweep_argv(args, lr=lr, langs=[args.train_lang], seeds=[seed], modes=[mode],
                                        output_dir=grid_dir(args, lr), mt="lexical", stage2=stage2))
@@ -137,7 +176,7 @@ def collect(args, choice: dict) -> None:
         res = stage1_result(args, lr_other, args.seeds[0])
         if res is not None and lr_other != lr:
             copy_run_results(stage1_dir(args, lr_other) / f"tydiqa-en-{args.plm}-{args.seeds[0]}",
-                     results / "stage1-candidates" / f"lr-{lr_other}")
+                             results / "stage1-candidates" / f"lr-{lr_other}")
     for meta in sorted((Path(args.work_dir) / "translations" / "tydiqa").glob("translate-*-lexical/meta.json")):
         dest = results / "translations" / meta.parent.name
         dest.mkdir(parents=True, exist_ok=True)

@@ -245,6 +245,31 @@ def test_tydiqa_study_chooses_the_stage1_rate_on_english_dev_and_runs_every_cell
     assert (results / "stage1-candidates" / "lr-3e-4" / "results_test.json").is_file()
 
 
+def test_tydiqa_study_adds_seeds_without_training_the_committed_ones_again(tmp_path, monkeypatch):
+    """On a fresh clone (no checkpoints): the committed choice of the rate stands (no selection runs), and only the
+    cells not committed under --results are trained (seed 1 committed: seed 2 alone)."""
+    spec = importlib.util.spec_from_file_location("embedded_tydiqa_study",
+                                                  REPO / "scripts" / "embedded_tydiqa_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    results, calls = tmp_path / "results", []
+    choice = {"lr": "1e-3", "english_dev_f1": {"3e-4": 0.41, "1e-3": 0.44}, "seed": 1}
+    results.mkdir()
+    (results / "study.json").write_text(json.dumps({"stage1_selection": choice}))
+    for mode, lang in [("zero-shot", code) for code in ("ar", "ben", "fi", "ind", "ko", "ru", "sw", "tel")] + \
+            [("translate-train", "ind"), ("input-fusion", "ind"), ("flare", "ind")]:
+        d = results / "runs" / f"tydiqa-en-{lang}-me5-small-1-{mode}"
+        d.mkdir(parents=True)
+        (d / "results_test.json").write_text(json.dumps({"mode": mode, "target_lang": lang, "seed": 1}))
+    monkeypatch.setattr(study, "run_sweep", lambda argv: calls.append(argv) or True)
+    monkeypatch.setattr(study, "collect", lambda args, choice: None)
+    monkeypatch.setattr("flare.report.main", lambda argv: 0)
+    assert study.main(["--work_dir", str(tmp_path / "work"), "--results", str(results), "--seeds", "1", "2"]) == 0
+    assert all(a[a.index("--seeds") + 1:a.index("--modes")] == ["2"] for a in calls)
+    assert all("--lr 1e-3" in a[a.index("--stage1_args") + 1] for a in calls)
+    assert sorted(a[a.index("--modes") + 1] for a in calls) == sorted(["zero-shot", *study.TRAIN_MODES])
+
+
 def test_sweep_names_runs_with_the_canonical_language_code(tmp_path):
     """`--langs id` (TyDiQA's Indonesian) names the run and translation folders as run.py does (ind): a finished
     job is recognised as finished."""
