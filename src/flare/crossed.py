@@ -83,13 +83,24 @@ def analyse(oracle: Path, mt_root: Path, crossed: Path) -> dict:
     if not cross:
         raise ValueError(f"{crossed}: no crossed evaluations (results of run.py --eval_stage2)")
     rows = sorted({k[0] for k in cross}, key=lambda r: (report.ROW_ORDER.index(r[0]), r[1] or ""))
+    # the (language, seed) pairs of every cell: both crossed evaluations of every row and the four runs beside them
+    pairs = {(lang, seed) for (_, _, lang, seed) in cross}
+    for row in rows:
+        pairs &= {(lang, seed) for (r, side, lang, seed) in cross if r == row and side == "human"}
+        pairs &= {(lang, seed) for (r, side, lang, seed) in cross if r == row and side == "mt"}
+        for table in (o_table, m_table):
+            pairs &= {(lang, seed) for (r, lang, seed) in table["runs"] if r == row}
+    for table in (o_table, m_table):
+        pairs &= {(lang, seed) for (r, lang, seed) in table["runs"] if r == LORA}
+    if not pairs:
+        raise ValueError(f"{crossed}: no (language, seed) has both crossed evaluations and the runs of both "
+                         "conditions beside them")
     # one pseudo-table: row keys (mode, "fn|training text|test English") so that report.compare pairs the cells
-    runs, langs, seeds = {}, set(), set()
+    runs = {}
 
     def put(row, cell, lang, seed, res):
-        runs[((row[0], f"{row[1]}|{cell[0]}|{cell[1]}"), lang, seed)] = res
-        langs.add(lang)
-        seeds.add(seed)
+        if (lang, seed) in pairs:
+            runs[((row[0], f"{row[1]}|{cell[0]}|{cell[1]}"), lang, seed)] = res
 
     for (row, lang, seed), res in o_table["runs"].items():
         if row in rows or row == LORA:
@@ -99,7 +110,8 @@ def analyse(oracle: Path, mt_root: Path, crossed: Path) -> dict:
             put(row, ("mt", "mt"), lang, seed, res)
     for (row, side, lang, seed), res in cross.items():
         put(row, (side, "mt" if side == "human" else GOLD), lang, seed, res)
-    table = {"runs": runs, "langs": sorted(langs), "seeds": sorted(seeds), "task": task}
+    table = {"runs": runs, "langs": sorted({lang for lang, _ in pairs}), "seeds": sorted({s for _, s in pairs}),
+             "task": task}
 
     def key(row, cell):
         return (row[0], f"{row[1]}|{cell[0]}|{cell[1]}")
@@ -133,7 +145,8 @@ def analyse(oracle: Path, mt_root: Path, crossed: Path) -> dict:
         t["p_holm"], t["holm_family"] = adjusted, len(tests)
         del t["_s"]
     return {"oracle": str(oracle), "mt_condition": str(mt_root), "crossed": str(crossed), "mt": mt,
-            "metric": metric, "seeds": table["seeds"], "languages": table["langs"], "cells": entries,
+            "metric": metric, "seeds": table["seeds"], "languages": table["langs"],
+            "pairs": [list(pair) for pair in sorted(pairs)], "cells": entries,
             "effects": effects}
 
 
