@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ def test_a_later_seed_keeps_the_committed_budgets(tmp_path):
     its selection seed (1), not runs of seed 3 that never existed, and chooses what the study chose."""
     study = load_study_script()
     committed = json.loads((REPO / "results" / "embedded-nusax" / "study.json").read_text())["selection"]
-    args = study.build_parser().parse_args(["--seeds", "3", "--work_dir", str(tmp_path / "work"),
+    args = study.build_parser().parse_args(["--seeds", "3", "--xmixup", "--work_dir", str(tmp_path / "work"),
                                             "--budgets_from", str(REPO / "results" / "embedded-nusax")])
     assert study.selection_seed(args) == committed["seed"] == 1
     choice = study.choose_budgets(args)
@@ -113,7 +114,13 @@ def test_xmixup_adds_its_row_and_trains_only_its_own_budget_runs(tmp_path, monke
     it after LoRA; the lexical condition needs the oracle's X-Mixup budget and says how to get it."""
     study = load_study_script()
     work, calls = tmp_path / "work", []
-    oracle = REPO / "results" / "embedded-nusax"
+    # the committed study as it was before its X-Mixup row: study.json and selection runs without X-Mixup's
+    oracle = tmp_path / "oracle"
+    shutil.copytree(REPO / "results" / "embedded-nusax" / "selection", oracle / "selection",
+                    ignore=shutil.ignore_patterns("*xmixup*"))
+    meta = json.loads((REPO / "results" / "embedded-nusax" / "study.json").read_text())
+    meta["selection"]["chosen"].pop("xmixup")
+    (oracle / "study.json").write_text(json.dumps(meta))
 
     def fake_sweep(argv):
         calls.append(argv)
