@@ -47,16 +47,6 @@ EFFECTS = (("test side", (("human", "mt"), ("human", GOLD)), "trained on the hum
            ("train side", (("mt", "mt"), ("human", "mt")), "tested with the MT's English"))
 
 
-def condition_table(root: Path) -> tuple[dict, dict]:
-    study = report.load_study(root)
-    if study is None:
-        raise ValueError(f"{root}: no study.json; pass the results folders of scripts/embedded_nusax_study.py")
-    table = report.build_tables(report.load_results(root), study).get((study["task"], study["model"]))
-    if table is None:
-        raise ValueError(f"{root}: no stage-2 results of {study['task']} / {study['model']}")
-    return study, table
-
-
 def crossed_runs(root: Path, mt: str) -> dict:
     """{(row, training text, lang, seed): result} of the crossed evaluations under ``root`` (results written by
     ``run.py --eval_stage2``): a run tested with ``mt``'s English (its ``path_mt``) was trained on the human text, one
@@ -73,8 +63,8 @@ def crossed_runs(root: Path, mt: str) -> dict:
 
 
 def analyse(oracle: Path, mt_root: Path, crossed: Path) -> dict:
-    o_study, o_table = condition_table(oracle)
-    m_study, m_table = condition_table(mt_root)
+    o_study, o_table = report.study_table(oracle)
+    m_study, m_table = report.study_table(mt_root)
     mt = m_study.get("translations")
     if mt in (None, "reference"):
         raise ValueError(f"{mt_root}: not an MT condition (its study.json says translations {mt!r})")

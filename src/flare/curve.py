@@ -51,12 +51,7 @@ def mt_quality(root: Path, study: dict) -> dict:
 
 def entries(root: Path) -> list[dict]:
     """One entry per row of the condition in ``root``."""
-    study = report.load_study(root)
-    if study is None:
-        raise ValueError(f"{root}: no study.json; pass the results folders of scripts/embedded_nusax_study.py")
-    table = report.build_tables(report.load_results(root), study).get((study["task"], study["model"]))
-    if table is None:
-        raise ValueError(f"{root}: no stage-2 results of {study['task']} / {study['model']}")
+    study, table = report.study_table(root)
     metric, task = report.METRIC[study["task"]], study["task"]
     quality = mt_quality(root, study)
     out = []

@@ -91,6 +91,17 @@ def load_results(root: Path) -> list[dict]:
     return out
 
 
+def study_table(root: Path) -> tuple[dict, dict]:
+    """(study.json, the table of its own task and model) of a study's results folder; ValueError without either."""
+    study = load_study(root)
+    if study is None:
+        raise ValueError(f"{root}: no study.json; pass the results folders of scripts/embedded_nusax_study.py")
+    table = build_tables(load_results(root), study).get((study["task"], study["model"]))
+    if table is None:
+        raise ValueError(f"{root}: no stage-2 results of {study['task']} / {study['model']}")
+    return study, table
+
+
 MIN_SEEDS_FOR_STD = 3  # a standard deviation of two values is too rough to print
 
 
