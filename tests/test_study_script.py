@@ -155,13 +155,9 @@ def test_xmixup_adds_its_row_and_trains_only_its_own_budget_runs(tmp_path, monke
     xm = [a for a in calls if a[a.index("--modes") + 1] == "xmixup"]
     assert len(xm) == 1 and "--epochs 3 --num_evals 3" in xm[0][xm[0].index("--stage2_args") + 1]
     assert [a[a.index("--modes") + 1] for a in calls][:4] == ["zero-shot", "translate-test", "lora", "xmixup"]
-    # the lexical condition keeps the oracle's budgets: an oracle study without an X-Mixup budget says how to get one
-    no_xmixup = tmp_path / "oracle-without-xmixup"
-    no_xmixup.mkdir()
-    meta = json.loads((oracle / "study.json").read_text())
-    meta["selection"]["chosen"].pop("xmixup", None)
-    (no_xmixup / "study.json").write_text(json.dumps(meta))
-    lexical = study.build_parser().parse_args(["--mt", "lexical", "--xmixup", "--budgets_from", str(no_xmixup)])
+    # the lexical condition keeps the oracle's budgets: an oracle study without an X-Mixup budget (this one) says how
+    # to get one
+    lexical = study.build_parser().parse_args(["--mt", "lexical", "--xmixup", "--budgets_from", str(oracle)])
     try:
         study.choose_budgets(lexical)
         raise AssertionError("no error")
