@@ -20,7 +20,8 @@
 
 Finished runs skip, and so do the cells committed under ``--results`` and its committed choice of the rate (a fresh
 clone has the results but no checkpoints): seed by seed, ``--seeds 1``, then ``--seeds 1 2``, ``--seeds 1 2 3``,
-committing each, retrains only a seed's stage 1 and its missing cells.
+committing each, retrains only a seed's stage 1 and its missing cells; ``--train_modes`` trains some of the
+Indonesian rows (in the order given) when a session cannot fit all three.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default="data", help="local data root")
     p.add_argument("--work_dir", default="checkpoints/embedded-tydiqa", help="run directories (not committed)")
     p.add_argument("--results", default="results/embedded-tydiqa", help="where results are collected (committed)")
+    p.add_argument("--train_modes", nargs="+", choices=TRAIN_MODES, default=list(TRAIN_MODES),
+                   help="the Indonesian translate-train rows to train, in this order (e.g. 'lora flare' first, "
+                        "input fusion in a later session: it costs about twice as much)")
     p.add_argument("--phase", choices=("all", "select", "zero-shot", "train", "collect"), default="all",
                    help="run only one phase (each skips finished runs)")
     return p
@@ -156,7 +160,7 @@ def run_zero_shot(args, lr: str) -> bool:
 def run_train(args, lr: str) -> bool:
     ok, done = True, committed_cells(args)
     for seed in args.seeds:
-        for mode in TRAIN_MODES:
+        for mode in args.train_modes:
             if (RESULT_MODE.get(mode, mode), args.train_lang, seed) in done:
                 continue
             stage2 = STAGE2_ARGS + (" --cache_source_states" if mode == "flare" else "")

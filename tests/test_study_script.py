@@ -271,6 +271,10 @@ def test_tydiqa_study_adds_seeds_without_training_the_committed_ones_again(tmp_p
     assert all(a[a.index("--seeds") + 1:a.index("--modes")] == ["2"] for a in calls)
     assert all("--lr 1e-3" in a[a.index("--stage1_args") + 1] for a in calls)
     assert sorted(a[a.index("--modes") + 1] for a in calls) == sorted(["zero-shot", *study.TRAIN_MODES])
+    calls.clear()  # --train_modes: those rows only, in the order given
+    assert study.main(["--work_dir", str(tmp_path / "work"), "--results", str(results), "--seeds", "1", "2",
+                       "--phase", "train", "--train_modes", "flare", "lora"]) == 0
+    assert [a[a.index("--modes") + 1] for a in calls] == ["flare", "lora"]
 
 
 def test_sweep_names_runs_with_the_canonical_language_code(tmp_path):
