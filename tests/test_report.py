@@ -301,3 +301,21 @@ def test_a_report_of_some_seeds(tmp_path, capsys):
     assert "fewer than 3 seeds" in md  # the interval resamples items only, and says so
     assert report.main([root, "--seeds", "1", "--readme", str(tmp_path / "page.md")]) == 2
     assert "--seeds makes a partial report" in capsys.readouterr().err
+
+
+def test_a_study_names_languages_as_given_and_trains_in_one_of_them():
+    """TyDiQA's study declares its languages as its command took them ("id", "te") while the runs record the
+    canonical codes ("ind", "tel"): one column each, not two; with ``train_language`` the training rows are expected
+    in that language only (the zero-shot rows everywhere)."""
+    def res(mode, lang):
+        return {"task": "tydiqa", "plm_name": "m", "mode": mode, "fusion_fn": None, "target_lang": lang,
+                "source_lang": "en", "seed": 1, "test_f1": 0.5}
+
+    results = [res("zero-shot", "ind"), res("zero-shot", "tel"), res("translate-train", "ind")]
+    study = {"task": "tydiqa", "model": "m", "languages": ["id", "te"], "seeds": [1, 2], "train_language": "id"}
+    table = report.build_tables(results, study)[("tydiqa", "m")]
+    assert table["langs"] == ["ind", "tel"]
+    assert sorted(table["missing"]) == ["Translate-train LoRA / ind / seed 2", "Zero-shot / ind / seed 2",
+                                        "Zero-shot / tel / seed 2"]
+    table = report.build_tables(results, {**study, "train_language": None})[("tydiqa", "m")]
+    assert "Translate-train LoRA / tel / seed 1" in table["missing"]  # a study that trains everywhere

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flare.languages import check_task_language
+
 logger = logging.getLogger("flare.report")
 
 METRICS = {"xnli": (("test_accuracy", "accuracy"),),
@@ -152,9 +154,14 @@ def build_tables(results: list[dict], study: dict | None = None) -> dict:
     for (task, plm), g in groups.items():
         rows = sorted(g["rows"], key=lambda k: (ROW_ORDER.index(k[0]), k[1] or ""))
         declared = study and study.get("task") == task and study.get("model") == plm
-        langs = sorted(g["langs"] | set(study["languages"] if declared else ()))
+        # a study names its languages as its command took them (TyDiQA's "id"); runs record the canonical code
+        langs = sorted(g["langs"] | {canonical(task, lang) for lang in (study["languages"] if declared else ())})
         grid_seeds = sorted(g["seeds"] | set(study["seeds"] if declared else ()))
-        missing = [f"{row_label(r)} / {lang} / seed {s}" for r in rows for lang in langs for s in grid_seeds
+        # a study that trains in one language only (study.json "train_language") expects its training rows there
+        trained_in = [canonical(task, study["train_language"])] if declared and study.get("train_language") \
+            else langs
+        missing = [f"{row_label(r)} / {lang} / seed {s}" for r in rows
+                   for lang in (langs if r[0] in NO_TRAINING else trained_in) for s in grid_seeds
                    if (r, lang, s) not in g["runs"]]
         apart = [r for r in rows if r[0] == "translate-test"
                  and same_input_for_every_language(g["runs"], r, sorted(g["langs"]), sorted(g["seeds"]))]
@@ -163,6 +170,17 @@ def build_tables(results: list[dict], study: dict | None = None) -> dict:
         tables[(task, plm)] = dict(task=task, plm=plm, rows=rows, langs=langs, runs=g["runs"],
                                    seeds=sorted(g["seeds"]), missing=missing, apart=apart, baselines=baselines)
     return tables
+
+
+NO_TRAINING = ("zero-shot", "translate-test")  # rows that run in every language of a study
+
+
+def canonical(task: str, lang: str) -> str:
+    """The code run.py records for ``lang`` (``id`` -> ``ind``), or ``lang`` itself if the task does not know it."""
+    try:
+        return check_task_language(task, lang)
+    except ValueError:
+        return lang
 
 
 def cells(table: dict, metric: str) -> dict:
