@@ -319,3 +319,15 @@ def test_a_study_names_languages_as_given_and_trains_in_one_of_them():
                                         "Zero-shot / tel / seed 2"]
     table = report.build_tables(results, {**study, "train_language": None})[("tydiqa", "m")]
     assert "Translate-train LoRA / tel / seed 1" in table["missing"]  # a study that trains everywhere
+
+
+def test_the_tydiqa_section_is_what_the_report_makes_of_its_committed_results():
+    """docs/study.md's TyDiQA block (a page command of its own: another task, its own Holm family) is regenerated
+    exactly from results/embedded-tydiqa by the command its marker names."""
+    repo = Path(__file__).resolve().parents[1]
+    page, root = repo / "docs" / "study.md", "results/embedded-tydiqa"
+    ((_, study, tables),) = report.load_page([str(repo / root)])
+    block = report.readme_block(tables, study, root, repo / root / "report", page=page)
+    begin = report.README_BEGIN.format(root=root, command=report.page_command([root], "docs/study.md"))
+    assert page.read_text().split(begin, 1)[1].split(report.README_END.format(root=root), 1)[0] == "\n" + block
+    assert tables[("tydiqa", "me5-small")]["langs"] == ["ar", "ben", "fi", "ind", "ko", "ru", "sw", "tel"]
