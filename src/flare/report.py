@@ -46,6 +46,7 @@ METRICS = {"xnli": (("test_accuracy", "accuracy"),),
 METRIC = {task: metrics[0][0] for task, metrics in METRICS.items()}  # the paper's metric per task (first table)
 METRIC_NAME = {task: metrics[0][1] for task, metrics in METRICS.items()}
 ROW_ORDER = ("zero-shot", "translate-test", "translate-train", "xmixup", "input-fusion", "flare", "flare-mt")
+NO_TRAINING = ("zero-shot", "translate-test")  # rows that run in every language of a study
 ROW_LABEL = {"zero-shot": "Zero-shot", "translate-test": "Translate-test", "translate-train": "Translate-train LoRA",
              "xmixup": "X-Mixup", "input-fusion": "Input-level fusion", "flare": "FLARE", "flare-mt": "FLARE MT"}
 # what FLARE rows are compared with, paired (X-Mixup where a table has it); X-Mixup rows are compared with LoRA
@@ -170,9 +171,6 @@ def build_tables(results: list[dict], study: dict | None = None) -> dict:
         tables[(task, plm)] = dict(task=task, plm=plm, rows=rows, langs=langs, runs=g["runs"],
                                    seeds=sorted(g["seeds"]), missing=missing, apart=apart, baselines=baselines)
     return tables
-
-
-NO_TRAINING = ("zero-shot", "translate-test")  # rows that run in every language of a study
 
 
 def canonical(task: str, lang: str) -> str:
