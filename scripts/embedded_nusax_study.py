@@ -398,7 +398,7 @@ def run_crossed(args) -> int:
                     "budgets": {row_name(m, fn): choice[row_name(m, fn)]["epochs"] for m, fn in crossed_rows(args)},
                     "evaluation": "run.py --eval_stage2 RUN --path_mt <the other condition's translations>"},
         "command": " ".join(["python scripts/embedded_nusax_study.py", f"--mt {args.mt} --crossed",
-                             *args.crossed,
+                             *args.crossed, *(["--seeds", *map(str, args.seeds)] if args.seeds != [1, 2, 3] else []),
                              *(["--validation_set target"] if args.validation_set == "target" else [])])})
     from flare import crossed
 

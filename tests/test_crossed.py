@@ -157,7 +157,7 @@ def test_the_study_script_evaluates_each_model_with_the_other_conditions_english
     assert len(list((results / "runs").iterdir())) == 4
     meta = json.loads((results / "study.json").read_text())
     assert meta["crossed"]["rows"] == ["input-fusion", "flare/add_relu"]
-    assert meta["command"] == "python scripts/embedded_nusax_study.py --mt lexical --crossed"
+    assert meta["command"] == "python scripts/embedded_nusax_study.py --mt lexical --crossed --seeds 1"
     assert analysed == [[argv[-1], "results/embedded-nusax-lexical", str(results)]]
     # a re-run evaluates nothing again; rows can be chosen
     evals.clear()
@@ -165,7 +165,8 @@ def test_the_study_script_evaluates_each_model_with_the_other_conditions_english
     sweeps.clear()
     assert study.main([*argv[:2], "--crossed", "flare/add_relu", "flare/mul", *argv[3:]]) == 0
     assert sorted(a[a.index("--fusion_fns") + 1] for a in sweeps) == ["add_relu", "add_relu", "mul", "mul"]
-    assert json.loads((results / "study.json").read_text())["command"].endswith("--crossed flare/add_relu flare/mul")
+    command = json.loads((results / "study.json").read_text())["command"]
+    assert command.endswith("--crossed flare/add_relu flare/mul --seeds 1")
     # refused without an MT condition
     assert study.main(["--crossed", "--work_dir", str(work)]) == 2
     assert "pass --mt lexical" in capsys.readouterr().err
