@@ -170,3 +170,18 @@ def test_the_study_script_evaluates_each_model_with_the_other_conditions_english
     # refused without an MT condition
     assert study.main(["--crossed", "--work_dir", str(work)]) == 2
     assert "pass --mt lexical" in capsys.readouterr().err
+
+
+def test_the_study_page_block_is_what_flare_crossed_makes_of_the_committed_results():
+    """docs/study.md's crossed block is regenerated exactly from the committed results by the command its marker
+    names (the repository's own folders, relative paths as the command takes them)."""
+    repo = Path(__file__).resolve().parents[1]
+    roots = ("results/embedded-nusax", "results/embedded-nusax-lexical", "results/embedded-nusax-lexical-crossed")
+    result = crossed.analyse(*(repo / root for root in roots))
+    command = f"python -m flare.crossed {' '.join(roots)} --readme docs/study.md"
+    begin = report.README_BEGIN.format(root=roots[2], command=command)
+    text = (repo / "docs" / "study.md").read_text()
+    block = text.split(begin, 1)[1].split(report.README_END.format(root=roots[2]), 1)[0]
+    assert block == "\n" + crossed.markdown(result)
+    assert result["mt"] == "lexical" and result["languages"] == ["ace", "jav", "mad", "sun"]
+    assert {e["row"] for e in result["cells"]} == {"Input-level fusion", "FLARE (add_relu)"}
