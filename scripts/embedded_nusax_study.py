@@ -77,10 +77,23 @@ def row_name(mode: str, fn: str | None) -> str:
     return f"{mode}/{fn}" if fn else mode
 
 
+DEFAULT_SEEDS = (1, 2, 3)
+
+
+def study_command(args, *flags: str) -> str:
+    """The command line that regenerates a results folder, as its study.json records it: the MT condition, FLAGS,
+    and the fusion functions, seeds and validation set wherever they are not the defaults."""
+    return " ".join(["python scripts/embedded_nusax_study.py",
+                     *([f"--mt {args.mt}"] if args.mt != "reference" else []), *flags,
+                     *(["--fns", *args.fns] if args.fns else []),
+                     *(["--seeds", *map(str, args.seeds)] if tuple(args.seeds) != DEFAULT_SEEDS else []),
+                     *(["--validation_set target"] if args.validation_set == "target" else [])])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The multi-seed NusaX study on me5-small (see the module docstring).")
     p.add_argument("--langs", nargs="+", default=["jav", "sun", "ace", "mad"], help="reported target languages")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
+    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS),
                    help="seeds (each takes about 70 min for the oracle, 50 min for the lexical condition)")
     p.add_argument("--mt", choices=("reference", "lexical", *(f"lexical-q{q}" for q in (25, 50, 75))),
                    default="reference",
@@ -323,11 +336,9 @@ def collect(args, choice: dict) -> None:
         "stage1_args": STAGE1_ARGS, "stage2_args": STAGE2_ARGS + " --epochs E --num_evals E (FLARE: "
                                                                  "--cache_source_states)",
         "validation_set": args.validation_set,
-        "selection": selection, **extra, "command": " ".join(
-            ["python scripts/embedded_nusax_study.py", *([f"--mt {args.mt}"] if args.mt != "reference" else []),
-             *(["--xmixup"] if getattr(args, "xmixup", False) else []),
-             *([f"--equal_budget {args.equal_budget}"] if args.equal_budget else []),
-             *(["--validation_set target"] if args.validation_set == "target" else [])]),
+        "selection": selection, **extra, "command": study_command(
+            args, *(["--xmixup"] if getattr(args, "xmixup", False) else []),
+            *([f"--equal_budget {args.equal_budget}"] if args.equal_budget else [])),
     })
 
 
@@ -397,9 +408,7 @@ def run_crossed(args) -> int:
                     "rows": [row_name(m, fn) for m, fn in crossed_rows(args)],
                     "budgets": {row_name(m, fn): choice[row_name(m, fn)]["epochs"] for m, fn in crossed_rows(args)},
                     "evaluation": "run.py --eval_stage2 RUN --path_mt <the other condition's translations>"},
-        "command": " ".join(["python scripts/embedded_nusax_study.py", f"--mt {args.mt} --crossed",
-                             *args.crossed, *(["--seeds", *map(str, args.seeds)] if args.seeds != [1, 2, 3] else []),
-                             *(["--validation_set target"] if args.validation_set == "target" else [])])})
+        "command": study_command(args, "--crossed", *args.crossed)})
     from flare import crossed
 
     if crossed.main([str(oracle_results), str(condition), str(results)]) != 0:
