@@ -331,3 +331,28 @@ def test_the_tydiqa_section_is_what_the_report_makes_of_its_committed_results():
     begin = report.README_BEGIN.format(root=root, command=report.page_command([root], "docs/study.md"))
     assert page.read_text().split(begin, 1)[1].split(report.README_END.format(root=root), 1)[0] == "\n" + block
     assert tables[("tydiqa", "me5-small")]["langs"] == ["ar", "ben", "fi", "ind", "ko", "ru", "sw", "tel"]
+
+
+def test_another_bootstrap_draw_moves_the_p_values_not_the_differences(tmp_path, capsys):
+    """--bootstrap_seed: the same tables and mean differences from another random draw of the bootstrap (to see how
+    much a p-value near a threshold owes to the draw), said in the note, written apart; not into a --readme page."""
+    repo = Path(__file__).resolve().parents[1]
+    root = str(repo / "results" / "embedded-nusax-lexical")
+
+    def comparisons(folder):
+        md = (folder / "nusax-me5-small.md").read_text()
+        rows = [line.split(" | ") for line in md.splitlines()
+                if line.startswith("| ") and " − " in line.split(" | ")[0]]
+        return md, {r[0]: (r[2], r[-3]) for r in rows}  # comparison: (mean difference, p)
+
+    assert report.main([root, "--seeds", "1", "2", "3", "--out", str(tmp_path / "draw0")]) == 0
+    assert report.main([root, "--seeds", "1", "2", "3", "--bootstrap_seed", "3",
+                        "--out", str(tmp_path / "draw3")]) == 0
+    md0, first = comparisons(tmp_path / "draw0")
+    md3, other = comparisons(tmp_path / "draw3")
+    assert len(first) == 7 and first.keys() == other.keys()
+    assert all(first[k][0] == other[k][0] for k in first)  # the observed differences do not depend on the draw
+    assert any(first[k][1] != other[k][1] for k in first)  # the p-values do
+    assert "random draw 3 of the bootstrap" in md3 and "random draw" not in md0
+    assert report.main([root, "--bootstrap_seed", "3", "--readme", str(tmp_path / "page.md")]) == 2
+    assert "--bootstrap_seed draws other bootstrap samples" in capsys.readouterr().err

@@ -354,7 +354,8 @@ def compare(table: dict, metric: str, task: str, r: tuple, base: tuple) -> dict 
         logger.warning("%s - %s: predictions missing, no item bootstrap", row_label(r), row_label(base))
         return None
     diffs = [d for _, _, d in triples]
-    boot = item_bootstrap(task, metric, recs, groups=[seed for _, seed, _ in triples])
+    boot = item_bootstrap(task, metric, recs, seed=table.get("bootstrap_seed", 0),
+                          groups=[seed for _, seed, _ in triples])
     wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     by_seed = defaultdict(list)
     for _, seed, d in triples:
@@ -418,10 +419,13 @@ def significance_markdown(task: str, table: dict) -> list[str]:
     seeds = max(s["seeds"] for s in rows)
     family = rows[0].get("holm_family", len(rows))
     items = rows[0]["items"]
+    draw = table.get("bootstrap_seed", 0)
     how = (f"{N_BOOTSTRAP} two-level bootstrap resamples: the {seeds} training seeds drawn with replacement, then "
            f"the {items} TEST ITEMS, one draw shared by every language and seed" if seeds >= MIN_SEEDS else
            f"{N_BOOTSTRAP} bootstrap resamples of the {items} TEST ITEMS, one draw shared by every language and seed "
            f"(fewer than {MIN_SEEDS} seeds: the seed-to-seed variation is NOT in the interval)")
+    if draw:
+        how += f" (random draw {draw} of the bootstrap, not the default 0: --bootstrap_seed)"
     lines = ["", f"Paired differences (row − baseline, {METRIC_NAME[task]} ×100, averaged over the (language, seed) "
                  f"pairs both rows ran; {how}; p two-sided; Holm's correction over the {family} comparisons of the "
                  "page; the intervals are not corrected; judged at Holm p < 0.05). The items-only interval is that of "
@@ -613,9 +617,11 @@ def page_command(roots: list[str], page: str) -> str:
     return f"python -m flare.report {' '.join(roots)} --readme {page}"
 
 
-def load_page(roots: list[str], seeds: list[int] | None = None) -> list[tuple[str, dict | None, dict]]:
+def load_page(roots: list[str], seeds: list[int] | None = None,
+              bootstrap_seed: int = 0) -> list[tuple[str, dict | None, dict]]:
     """(root, study, tables) of each results folder of one page, with Holm's correction over every comparison of
-    the page (:func:`page_holm`); ``seeds``: only the runs of these seeds. A folder without stage-2 results raises
+    the page (:func:`page_holm`); ``seeds``: only the runs of these seeds; ``bootstrap_seed``: the random draw of
+    every bootstrap on the page (0, the default, is the committed reports'). A folder without stage-2 results raises
     ValueError."""
     page = []
     for root in roots:
@@ -628,6 +634,8 @@ def load_page(roots: list[str], seeds: list[int] | None = None) -> list[tuple[st
         tables = build_tables(results, study)
         if not tables:
             raise ValueError(f"no stage-2 results_*.json under {root}; run run.py (or python -m flare.sweep) first")
+        for table in tables.values():
+            table["bootstrap_seed"] = bootstrap_seed
         page.append((root, study, tables))
     page_holm([table for _, _, tables in page for _, table in sorted(tables.items())])
     return page
@@ -673,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="only the runs of these seeds (e.g. to compare with a condition that has fewer); the report "
                         "goes to ROOT/report-seeds-S1-S2 unless --out says otherwise; not with --readme")
+    p.add_argument("--bootstrap_seed", type=int, default=0,
+                   help="the random draw of the bootstrap (default 0, the committed reports'): another one shows how "
+                        "much a p-value near a threshold owes to the Monte-Carlo draw; the report goes to "
+                        "ROOT/report-bootstrap-S unless --out says otherwise; not with --readme")
     p.add_argument("--readme", default=None,
                    help="also replace the block between the markers '<!-- flare.report ROOT ... -->' and "
                         "'<!-- /flare.report ROOT -->' in this markdown file (e.g. docs/study.md) with the tables, "
@@ -688,12 +700,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --seeds makes a partial report; the --readme blocks hold every seed (drop one of them)",
               file=sys.stderr)
         return 2
+    if args.bootstrap_seed and args.readme:
+        print("error: --bootstrap_seed draws other bootstrap samples than the --readme blocks hold (draw 0); drop one "
+              "of them", file=sys.stderr)
+        return 2
     if args.out and len(args.roots) > 1:
         print("error: --out names one folder; with several roots each report goes to ROOT/report (drop --out)",
               file=sys.stderr)
         return 2
     try:
-        page = load_page(args.roots, args.seeds)
+        page = load_page(args.roots, args.seeds, args.bootstrap_seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -707,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{README_BEGIN.format(root=missing[0], command=command)}\n{README_END.format(root=missing[0])}",
                   file=sys.stderr)
             return 2
-    default_out = "report" + ("-seeds-" + "-".join(map(str, args.seeds)) if args.seeds else "")
+    default_out = ("report" + ("-seeds-" + "-".join(map(str, args.seeds)) if args.seeds else "")
+                   + (f"-bootstrap-{args.bootstrap_seed}" if args.bootstrap_seed else ""))
     for root, study, tables in page:
         out = Path(args.out) if args.out else Path(root) / default_out
         written += write_report(tables, out, study)
