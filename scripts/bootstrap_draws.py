@@ -29,10 +29,7 @@ def draws(roots: list[str], n: int) -> list[dict]:
     tables = [(root, table) for root, _, tables in page for _, table in sorted(tables.items())]
     seen: dict[tuple[str, str], dict] = {}
     for draw in range(n):
-        for _, table in tables:
-            table["bootstrap_seed"] = draw
-            table.pop("_significance", None)  # recomputed with this draw
-        report.page_holm([table for _, table in tables])
+        report.redraw([table for _, table in tables], draw)
         for root, table in tables:
             for s in report.significance(table, report.METRIC[table["task"]], table["task"]):
                 name = f"{report.row_label(s['row'])} − {report.row_label(s['baseline'])}"
@@ -45,7 +42,7 @@ def draws(roots: list[str], n: int) -> list[dict]:
     for e in seen.values():
         out.append(dict(root=e["root"], comparison=e["comparison"], mean=e["mean"], judged_draw0=e["judged"][0],
                         judged=dict(Counter(e["judged"])), p_min=min(e["p"]), p_max=max(e["p"]),
-                        p_holm_min=min(e["p_holm"]), p_holm_max=max(e["p_holm"]), holm_family=None))
+                        p_holm_min=min(e["p_holm"]), p_holm_max=max(e["p_holm"])))
     return out
 
 

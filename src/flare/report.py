@@ -634,11 +634,18 @@ def load_page(roots: list[str], seeds: list[int] | None = None,
         tables = build_tables(results, study)
         if not tables:
             raise ValueError(f"no stage-2 results_*.json under {root}; run run.py (or python -m flare.sweep) first")
-        for table in tables.values():
-            table["bootstrap_seed"] = bootstrap_seed
         page.append((root, study, tables))
-    page_holm([table for _, _, tables in page for _, table in sorted(tables.items())])
+    redraw([table for _, _, tables in page for _, table in sorted(tables.items())], bootstrap_seed)
     return page
+
+
+def redraw(tables: list[dict], bootstrap_seed: int) -> int:
+    """Every comparison of a page's ``tables`` computed (again) from random draw ``bootstrap_seed`` of the
+    bootstrap, with Holm's correction over all of them (:func:`page_holm`); returns the number of comparisons."""
+    for table in tables:
+        table["bootstrap_seed"] = bootstrap_seed
+        table.pop("_significance", None)  # the cache of significance(), drawn with another seed
+    return page_holm(tables)
 
 
 def readme_block(tables: dict, study: dict | None, root: str, out: Path, page: Path | None = None) -> str:
