@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The multi-seed NusaX study on me5-small (see the module docstring).")
     p.add_argument("--langs", nargs="+", default=["jav", "sun", "ace", "mad"], help="reported target languages")
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS),
-                   help="seeds (measured on 2 cores alone, with a stage 1 and --xmixup: about 90 min per seed for the "
-                        "oracle, 95 min for the lexical condition; docs/study.md, 'Time')")
+                   help="seeds (measured on 2 cores alone, with a stage 1 and --xmixup: about 90-110 min per seed for "
+                        "the oracle, 95 min for the lexical condition; docs/study.md, 'Time')")
     p.add_argument("--mt", choices=("reference", "lexical", *(f"lexical-q{q}" for q in (25, 50, 75))),
                    default="reference",
                    help="translations: reference = NusaX's human ones (oracle), lexical = the statistical MT of "
