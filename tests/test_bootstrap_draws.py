@@ -2,20 +2,16 @@
 lexical study (real predictions)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from flare import report
+from flare import report, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bootstrap_draws", REPO / "scripts" / "bootstrap_draws.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sweep.load_script("scripts/bootstrap_draws.py")
 
 
 def test_draw_zero_is_the_committed_report_and_other_draws_move_only_p(tmp_path, capsys):

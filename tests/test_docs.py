@@ -3,7 +3,6 @@ the README's study headline taken from the generated tables, the license files p
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -57,9 +56,7 @@ def test_usage_page_documents_every_flag():
     """Each flag of the three scripts and the sweep appears in docs/usage.md (its flag tables)."""
     from flare import stage1, stage2, sweep
 
-    spec = importlib.util.spec_from_file_location("run_translate_script", REPO / "run_translate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sweep.load_script("run_translate.py")
     usage = (REPO / "docs" / "usage.md").read_text()
     for parser in (stage1.build_parser(), stage2.build_parser(), module.build_parser(), sweep.build_parser()):
         flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
+
+from flare import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_study_script():
-    spec = importlib.util.spec_from_file_location("embedded_nusax_study", REPO / "scripts" / "embedded_nusax_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sweep.load_script("scripts/embedded_nusax_study.py")
 
 
 def test_a_later_seed_keeps_the_committed_budgets(tmp_path):
@@ -211,10 +209,7 @@ def test_tydiqa_study_chooses_the_stage1_rate_on_english_dev_and_runs_every_cell
     per learning rate; the best English dev F1 chooses (ties to the smaller); zero-shot runs the eight languages seed
     by seed, translate-train LoRA / input fusion / FLARE run Indonesian with the lexical MT; collect writes
     study.json."""
-    spec = importlib.util.spec_from_file_location("embedded_tydiqa_study",
-                                                  REPO / "scripts" / "embedded_tydiqa_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = sweep.load_script("scripts/embedded_tydiqa_study.py")
     work, calls = tmp_path / "work", []
     f1 = {"3e-4": 0.41, "1e-3": 0.44}
 
@@ -252,10 +247,7 @@ def test_tydiqa_study_chooses_the_stage1_rate_on_english_dev_and_runs_every_cell
 def test_tydiqa_study_adds_seeds_without_training_the_committed_ones_again(tmp_path, monkeypatch):
     """On a fresh clone (no checkpoints): the committed choice of the rate stands (no selection runs), and only the
     cells not committed under --results are trained (seed 1 committed: seed 2 alone)."""
-    spec = importlib.util.spec_from_file_location("embedded_tydiqa_study",
-                                                  REPO / "scripts" / "embedded_tydiqa_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = sweep.load_script("scripts/embedded_tydiqa_study.py")
     results, calls = tmp_path / "results", []
     choice = {"lr": "1e-3", "english_dev_f1": {"3e-4": 0.41, "1e-3": 0.44}, "seed": 1}
     results.mkdir()
@@ -281,7 +273,6 @@ def test_tydiqa_study_adds_seeds_without_training_the_committed_ones_again(tmp_p
 def test_sweep_names_runs_with_the_canonical_language_code(tmp_path):
     """`--langs id` (TyDiQA's Indonesian) names the run and translation folders as run.py does (ind): a finished
     job is recognised as finished."""
-    from flare import sweep
 
     args = sweep.build_parser().parse_args(
         ["--task", "tydiqa", "--plm", "me5-small", "--langs", "id", "bn", "--modes", "zero-shot", "lora", "--seeds",

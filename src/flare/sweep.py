@@ -250,12 +250,18 @@ def plan(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def script_main(script: str):
-    """The ``main(argv)`` of one of the repository's scripts (run.py, run_task_ft.py, run_translate.py)."""
+def load_script(script: str):
+    """The module of one of the repository's scripts, by its path from the repository root (``run.py``,
+    ``scripts/embedded_nusax_study.py``): the scripts are files, not modules of the package."""
     spec = importlib.util.spec_from_file_location(f"flare_script_{Path(script).stem}", REPO / script)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # the scripts only define main() (and import from flare) at import time
-    return module.main
+    spec.loader.exec_module(module)  # the scripts only define functions (and import from flare) at import time
+    return module
+
+
+def script_main(script: str):
+    """The ``main(argv)`` of one of the repository's scripts (run.py, run_task_ft.py, run_translate.py)."""
+    return load_script(script).main
 
 
 def run_in_process(job: Job) -> int:
