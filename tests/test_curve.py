@@ -53,6 +53,8 @@ def test_crossings_interpolate_between_the_adjacent_levels():
     crossing = curve.crossings(points)
     assert crossing["FLARE (add_relu)"] == {"chrf_test": 50.0, "between": [40.0, 60.0]}
     assert crossing["Input-level fusion"] is None  # never changes sign
+    assert list(crossing) == ["FLARE (add_relu)", "Input-level fusion"]  # first appearance, not a set's hash order
+    assert list(curve.crossings(points[4:] + points[:4])) == ["Input-level fusion", "FLARE (add_relu)"]
 
 
 def test_a_folder_without_a_study_is_an_error(tmp_path, capsys):

@@ -73,9 +73,10 @@ def entries(root: Path) -> list[dict]:
 
 def crossings(curve: list[dict]) -> dict:
     """Per row: the test chrF at which its mean difference to LoRA changes sign, interpolated linearly between the
-    adjacent levels (None where it never does)."""
+    adjacent levels (None where it never does); rows in the order they first appear, so curve.json is the same on
+    every run."""
     out = {}
-    for row in {e["row"] for e in curve if "minus_lora" in e}:
+    for row in dict.fromkeys(e["row"] for e in curve if "minus_lora" in e):
         points = sorted((e["chrf_test"], e["minus_lora"]["mean"]) for e in curve if e["row"] == row and
                         "minus_lora" in e)
         out[row] = None
