@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -227,9 +226,9 @@ def zero_shot_part(check: Check, name: str, plm: Path, argv: list[str], stage1_o
 
 
 def step_cost(check: Check, work: Path, cuda: bool) -> None:
-    spec = importlib.util.spec_from_file_location("step_cost", REPO / "bench" / "step_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from flare import sweep
+
+    module = sweep.load_script("bench/step_cost.py")
     out = work / "step_cost.json"
     if not check.wanted("step_cost: LoRA vs FLARE"):
         check.parts["step_cost: LoRA vs FLARE"] = {"ok": None, "skipped": "not in --parts"}
